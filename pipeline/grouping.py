@@ -1,0 +1,162 @@
+"""Grouping experts: dominant experts chosen globally by usage, the rest join their most similar one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.registry import Registry
+
+
+@dataclass
+class LayerData:
+    """What similarity functions may use for one SMoE layer."""
+
+    name: str
+    router_logits: torch.Tensor  # [T, N]
+    router_weight: torch.Tensor  # [N, H]
+    expert_weights: list[dict[str, torch.Tensor]]
+    seed: int = 0
+
+
+Similarity = Callable[[LayerData], torch.Tensor]
+SIMILARITIES: Registry[Similarity] = Registry("similarity")
+
+
+def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of the rows of ``vectors`` (``[N, D]`` -> ``[N, N]``)."""
+    v = F.normalize(vectors.double(), dim=-1, eps=1e-12)
+    sim = v @ v.T
+    sim.fill_diagonal_(1.0)
+    return sim.float()
+
+
+@SIMILARITIES.register("router-logits")
+def _router_logits(d: LayerData) -> torch.Tensor:
+    # Expert e is described by its logit on every profiled token: a column of [T, N].
+    return cosine_matrix(d.router_logits.T)
+
+
+@SIMILARITIES.register("router-weight")
+def _router_weight(d: LayerData) -> torch.Tensor:
+    return cosine_matrix(d.router_weight)
+
+
+@SIMILARITIES.register("expert-weight")
+def _expert_weight(d: LayerData) -> torch.Tensor:
+    return cosine_matrix(
+        torch.stack([torch.cat([w.flatten() for w in e.values()]) for e in d.expert_weights])
+    )
+
+
+@SIMILARITIES.register("random")
+def _random(d: LayerData) -> torch.Tensor:
+    n = d.router_weight.shape[0]
+    g = torch.Generator().manual_seed(d.seed)
+    m = torch.rand(n, n, generator=g)
+    m = (m + m.T) / 2
+    m.fill_diagonal_(1.0)
+    return m
+
+
+def normalised_frequency(freq: torch.Tensor) -> torch.Tensor:
+    """Frequencies scaled so the layer's most used expert has 1.0 (exactly, so each layer keeps one)."""
+    f = freq.double().clone()
+    top = int(torch.argmax(f))
+    f = f / f[top] if f[top] > 0 else torch.zeros_like(f)
+    f[top] = 1.0
+    return f
+
+
+def dominant_budget(
+    frequencies: dict[str, torch.Tensor], num_experts_avg: int, ratio: str = "adaptive"
+) -> dict[str, int]:
+    """Number of dominant experts per merged layer; sums to ``num_experts_avg * len(frequencies)``.
+
+    ``adaptive``: the top normalised frequencies over all layers win, so busier layers keep more
+    (ties go to the earlier layer, then the lower expert index). ``uniform``: the same in every layer.
+    """
+    names = list(frequencies)
+    sizes = {n: len(frequencies[n]) for n in names}
+    total = num_experts_avg * len(names)
+    if total > sum(sizes.values()):
+        raise ValueError(
+            f"asked for {total} dominant experts but the merged layers hold only {sum(sizes.values())}"
+        )
+    if ratio == "uniform":
+        if any(num_experts_avg > s for s in sizes.values()):
+            raise ValueError(
+                f"group.num_experts_avg={num_experts_avg} exceeds a layer's expert count {min(sizes.values())}"
+            )
+        return {n: num_experts_avg for n in names}
+    if ratio != "adaptive":
+        raise ValueError(f"unknown group.ratio {ratio!r}; valid choices: adaptive, uniform")
+    entries = []
+    for li, n in enumerate(names):
+        for e, v in enumerate(normalised_frequency(frequencies[n]).tolist()):
+            entries.append((-v, li, e))
+    entries.sort()
+    budget = dict.fromkeys(names, 0)
+    for _, li, _ in entries[:total]:
+        budget[names[li]] += 1
+    return budget
+
+
+def group_layer(freq: torch.Tensor, similarity: torch.Tensor, k: int) -> list[list[int]]:
+    """Groups of one layer: the ``k`` most used experts lead; every other expert joins the dominant
+    expert it is most similar to. Each group lists its dominant expert first."""
+    n = len(freq)
+    order = sorted(range(n), key=lambda e: (-float(freq[e]), e))
+    dominant = order[:k]
+    groups = {d: [d] for d in dominant}
+    for e in order[k:]:
+        best = max(dominant, key=lambda d: (float(similarity[e, d]), -dominant.index(d)))
+        groups[best].append(e)
+    return [groups[d] for d in dominant]
+
+
+def merged_layer_names(layers: list[tuple[str, str]], skip_first_layer: bool, which: str) -> list[str]:
+    """Names of the SMoE layers to merge, from ``(name, stack)`` pairs in forward order."""
+    names = [n for n, stack in layers if which == "both" or stack == which]
+    if skip_first_layer and layers and layers[0][0] in names:
+        names.remove(layers[0][0])
+    return names
+
+
+def group_experts(
+    layer_data: dict[str, LayerData],
+    frequencies: dict[str, torch.Tensor],
+    merge_layers: list[str],
+    num_experts_avg: int,
+    similarity: str,
+    ratio: str = "adaptive",
+) -> dict:
+    """Groups for every SMoE layer; layers not merged keep each expert in its own group."""
+    sim_fn = SIMILARITIES.get(similarity)
+    budget = dominant_budget({n: frequencies[n] for n in merge_layers}, num_experts_avg, ratio)
+    layers = {}
+    for name, freq in frequencies.items():
+        if name in budget:
+            sim = sim_fn(layer_data[name])
+            groups = group_layer(freq, sim, budget[name])
+            layers[name] = {
+                "merged": True,
+                "groups": groups,
+                "similarity": [[round(x, 5) for x in r] for r in sim.tolist()],
+            }
+        else:
+            layers[name] = {"merged": False, "groups": [[e] for e in range(len(freq))]}
+    return {"similarity": similarity, "ratio": ratio, "num_experts_avg": num_experts_avg, "layers": layers}
+
+
+def validate_groups(groups: dict, num_experts: dict[str, int]) -> None:
+    """Every expert of every layer in exactly one group."""
+    for name, n in num_experts.items():
+        if name not in groups["layers"]:
+            raise ValueError(f"groups miss layer {name}")
+        members = sorted(e for g in groups["layers"][name]["groups"] for e in g)
+        if members != list(range(n)):
+            raise ValueError(f"groups of {name} do not cover experts 0..{n - 1} exactly once: {members}")

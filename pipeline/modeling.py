@@ -1,0 +1,274 @@
+"""Building, loading and saving SMoE models, including merged/compressed ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from pipeline.adapters import ADAPTERS, ModelStructureError, adapter_for
+
+STRUCTURE_FILE = "smoe_structure.json"
+PARAMS_FILE = "params.yaml"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class CheckpointError(RuntimeError):
+    """A model folder is missing, incomplete or unreadable."""
+
+
+def build_model(
+    family: str,
+    config_kwargs: dict,
+    vocab_size: int,
+    pad_id: int,
+    eos_id: int,
+    router_init_std: float | None,
+    seed: int,
+) -> nn.Module:
+    """A randomly initialised SMoE of ``family`` from config keyword arguments."""
+    adapter = ADAPTERS.get(family)
+    kwargs = dict(config_kwargs)
+    if kwargs.get("vocab_size", vocab_size) < vocab_size:
+        raise ValueError(
+            f"model.config.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer ({vocab_size})"
+        )
+    kwargs.setdefault("vocab_size", vocab_size)
+    kwargs.setdefault("pad_token_id", pad_id)
+    kwargs.setdefault("eos_token_id", eos_id)
+    kwargs.setdefault("decoder_start_token_id", pad_id)
+    try:
+        config = adapter.config_class()(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.config: {err}") from None
+    torch.manual_seed(seed)
+    model = adapter.model_class()(config)
+    if router_init_std is not None:
+        # The stock init (std 1.0) gives confident, collapsed routing from step one.
+        with torch.no_grad():
+            for layer in adapter.sparse_layers(model):
+                for p in adapter.router(layer).parameters():
+                    p.normal_(0.0, router_init_std) if p.dim() > 1 else p.zero_()
+    _require_sparse(model)
+    return model
+
+
+def _require_sparse(model: nn.Module) -> None:
+    if not adapter_for(model).sparse_layers(model):
+        raise ModelStructureError(
+            "the model has no SMoE layer (no sparse/expert MLP found); nothing to merge"
+        )
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / f).is_file() for f in WEIGHT_FILES)
+
+
+def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """Load a stock checkpoint (local folder or Hub id) or one saved by :func:`save_model`.
+
+    Weights are read from safetensors only; merged/compressed layers are rebuilt from the
+    structure file before their weights are loaded.
+    """
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or str(name_or_path).startswith(".") or str(name_or_path).count("/") != 1
+    if not path.exists() and looks_local:
+        raise CheckpointError(
+            f"model folder {path} does not exist (and it is not a Hub id of the form org/name)"
+        )
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is not a model folder: no config.json")
+        if not _has_weights(path):
+            raise CheckpointError(
+                f"{path} holds no weights: expected one of {list(WEIGHT_FILES)} (safetensors only)"
+            )
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the config of {name_or_path}: {err}") from None
+    adapter = adapter_for(config)
+    structure_path = path / STRUCTURE_FILE
+    try:
+        if not structure_path.is_file():
+            model = adapter.model_class().from_pretrained(
+                str(name_or_path), use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+        else:
+            model = _load_structured(path, config, adapter, json.loads(structure_path.read_text()))
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot load weights from {name_or_path}: {err}") from None
+    _require_sparse(model)
+    model.eval()
+    return model
+
+
+def _load_structured(path: Path, config, adapter, structure: dict) -> nn.Module:
+    from safetensors.torch import load_file
+
+    model = adapter.model_class()(config)
+    adapter.apply_structure(model, structure["layers"])
+    state = {}
+    if (path / "model.safetensors").is_file():
+        state = load_file(str(path / "model.safetensors"))
+    else:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(path / shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the saved structure (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.tie_weights()
+    return model
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier one (dropped by safetensors on save)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.add(name)
+        else:
+            seen[p.data_ptr()] = name
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    tied.update(keys if isinstance(keys, dict) else keys)
+    return tied
+
+
+@contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary sibling folder; it replaces ``target`` only if the block completes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(
+    model: nn.Module,
+    folder: str | Path,
+    params: dict | None = None,
+    tokenizer=None,
+    extra: dict | None = None,
+) -> None:
+    """Save weights (safetensors), structure, tokenizer and the resolved params that made the model."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    structure = adapter_for(model).structure(model)
+    if structure:
+        (folder / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "layers": structure}, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    if params is not None:
+        (folder / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False))
+    if extra:
+        for name, obj in extra.items():
+            (folder / name).write_text(json.dumps(obj, indent=1))
+
+
+def bytes_on_disk(folder: str | Path) -> int:
+    """Bytes of the weight files of a saved model."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def count_unique_params(module: nn.Module) -> int:
+    """Parameters counted once even when tied or shared."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={device!r} but CUDA is not available; valid here: auto, cpu")
+    return torch.device(device)
+
+
+def resolve_pretrained_source(name: str) -> Path:
+    """A local model folder, or an installed package that ships one (``get_model_path()``)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    import importlib
+
+    try:
+        module = importlib.import_module(name.replace("-", "_"))
+    except ImportError:
+        raise CheckpointError(
+            f"model.init_embeddings_from={name!r} is neither a local model folder nor an installed package shipping one"
+        ) from None
+    if not hasattr(module, "get_model_path"):
+        raise CheckpointError(f"package {name!r} does not ship a model (no get_model_path())")
+    return Path(module.get_model_path())
+
+
+@torch.no_grad()
+def transfer_embeddings(model: nn.Module, tokenizer, source: str | Path) -> dict:
+    """Initialise ``model``'s input embeddings from a pretrained dense model's word embeddings.
+
+    Each token of ``tokenizer`` is re-tokenised with the source model's tokenizer and gets the mean
+    of those source embeddings; the result is projected to ``d_model`` by PCA and scaled to unit
+    standard deviation (the scale of the stock random init), so any tokenizer and width work.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    folder = resolve_pretrained_source(str(source))
+    src_tok = AutoTokenizer.from_pretrained(str(folder))
+    weights = load_file(str(folder / "model.safetensors"))
+    keys = [k for k in weights if k.endswith(("word_embeddings.weight", "embed_tokens.weight"))]
+    if not keys:
+        raise CheckpointError(f"{folder}: no word embedding matrix found in model.safetensors")
+    table = weights[keys[0]].float()
+    emb = model.get_input_embeddings()
+    n_tok, d_model = emb.weight.shape
+    mean = table.mean(0)
+    vectors, covered = [], 0
+    for i in range(n_tok):
+        text = tokenizer.decode([i]).strip()
+        ids = src_tok(text, add_special_tokens=False)["input_ids"] if text else []
+        ids = [j for j in ids if j != src_tok.unk_token_id]
+        vectors.append(table[ids].mean(0) if ids else mean)
+        covered += bool(ids)
+    x = torch.stack(vectors)
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    if vh.shape[0] < d_model:
+        raise ValueError(f"source embeddings have {vh.shape[0]} dims, fewer than d_model={d_model}")
+    y = x @ vh[:d_model].T
+    emb.weight.copy_((y / y.std()).to(emb.weight.dtype))
+    return {"source": str(folder), "tokens_covered": covered, "tokens_total": n_tok}

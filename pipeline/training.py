@@ -1,0 +1,248 @@
+"""Fine-tuning (task + router losses), knowledge distillation, and scoring on a prepared task."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.data import batches
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_seed(seed: int) -> None:
+    """Seed every generator a stage uses."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision on the device when asked for; full precision otherwise."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def seq2seq_forward(model: nn.Module, batch: dict, with_router: bool = True):
+    """Forward pass with teacher forcing on the target; returns the model output."""
+    dec_in = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=dec_in,
+        output_router_logits=with_router,
+    )
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def router_loss(out, z_coef: float, aux_coef: float) -> torch.Tensor:
+    """Switch's router z-loss and load-balancing loss, summed over encoder and decoder."""
+    total = torch.zeros((), device=out.logits.device)
+    for name, coef in (("z_loss", z_coef), ("aux_loss", aux_coef)):
+        for side in ("encoder", "decoder"):
+            value = getattr(out, f"{side}_{name}", None)
+            if coef and isinstance(value, torch.Tensor):
+                total = total + coef * value.float()
+    return total
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(teacher || student) at temperature T over target tokens, scaled by T^2 (Hinton et al.)."""
+    mask = labels != -100
+    s = F.log_softmax(student_logits.float()[mask] / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float()[mask] / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+@torch.no_grad()
+def score_classes(model: nn.Module, batch: dict, class_targets: list[list[int]]) -> torch.Tensor:
+    """Log-likelihood of each class's target sequence: ``[batch, n_classes]`` (rank classification)."""
+    enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    scores = []
+    for tgt in class_targets:
+        labels = torch.tensor(tgt, device=batch["input_ids"].device).expand(batch["input_ids"].shape[0], -1)
+        out = model(
+            encoder_outputs=enc,
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
+        )
+        logp = out.logits.float().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+        scores.append(logp.sum(-1))
+    return torch.stack(scores, dim=-1)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    rows: list[dict],
+    class_targets: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "float32",
+) -> float:
+    """Accuracy of picking the most likely class target."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for batch in batches(rows, batch_size, pad_id):
+        batch = _to(batch, device)
+        with autocast(device, dtype):
+            pred = score_classes(model, batch, class_targets).argmax(-1)
+        correct += (pred == batch["class_label"]).sum().item()
+    model.train(was_training)
+    return correct / len(rows)
+
+
+@dataclass
+class TrainSettings:
+    epochs: float
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_grad_norm: float
+    router_z_loss_coef: float
+    router_aux_loss_coef: float
+    eval_every_epochs: float = 1.0
+
+
+@dataclass
+class KDSettings:
+    teacher: nn.Module
+    alpha: float
+    temperature: float
+
+
+def train(
+    model: nn.Module,
+    train_rows: list[dict],
+    dev_rows: list[dict],
+    class_targets: list[list[int]],
+    pad_id: int,
+    settings: TrainSettings,
+    device: torch.device,
+    dtype: str = "float32",
+    seed: int = 0,
+    kd: KDSettings | None = None,
+    step_hook: Callable[[int, int], None] | None = None,
+    eligible_from: Callable[[int], int] | None = None,
+    log: Callable[[dict, int], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune ``model`` in place and keep the weights with the best dev accuracy.
+
+    Loss: target cross-entropy + router z/balance losses (+ alpha * KD loss when ``kd`` is given).
+    ``step_hook(step, total_steps)`` runs after each optimiser step (used for pruning);
+    ``eligible_from(total_steps)`` is the first step whose weights may be kept (pruning must have
+    reached its target by then). Returns a
+    summary with the best dev accuracy and the per-evaluation history.
+    """
+    set_seed(seed)
+    model.to(device).train()
+    if kd is not None:
+        kd.teacher.to(device).eval()
+    steps_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
+    total = max(1, int(round(settings.epochs * steps_per_epoch)))
+    eval_every = max(1, int(round(settings.eval_every_epochs * steps_per_epoch)))
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 and p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+    warm = settings.warmup_steps
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    first_eligible = eligible_from(total) if eligible_from is not None else 0
+    best = {"accuracy": -1.0, "step": 0}
+    best_state = None
+    history = []
+    step, epoch = 0, 0
+    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
+    while step < total:
+        for batch in batches(train_rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch):
+            batch = _to(batch, device)
+            with autocast(device, dtype):
+                out = seq2seq_forward(model, batch)
+                loss_task = task_loss(out.logits, batch["labels"])
+                loss = loss_task + router_loss(
+                    out, settings.router_z_loss_coef, settings.router_aux_loss_coef
+                )
+                if kd is not None and kd.alpha > 0:
+                    with torch.no_grad():
+                        t_out = seq2seq_forward(kd.teacher, batch, with_router=False)
+                    loss = loss + kd.alpha * kd_loss(
+                        out.logits, t_out.logits, batch["labels"], kd.temperature
+                    )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            opt.step()
+            sched.step()
+            if step_hook is not None:
+                step_hook(step, total)
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % 50 == 0 and log is not None:
+                log(
+                    {
+                        "train_loss": loss.item(),
+                        "train_task_loss": loss_task.item(),
+                        "lr": sched.get_last_lr()[0],
+                    },
+                    step,
+                )
+            if step % eval_every == 0 or step == total:
+                acc = evaluate_accuracy(
+                    model, dev_rows, class_targets, pad_id, settings.eval_batch_size, device, dtype
+                )
+                history.append({"step": step, "dev_accuracy": acc})
+                if log is not None:
+                    log({"dev_accuracy": acc}, step)
+                bar.write(f"step {step}/{total}: dev accuracy {acc:.4f}")
+                # Ties go to the later model: when pruning, later weights are the sparser ones.
+                if step >= first_eligible and acc >= best["accuracy"]:
+                    best = {"accuracy": acc, "step": step}
+                    best_state = copy.deepcopy(model.state_dict())
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {
+        "best_dev_accuracy": best["accuracy"],
+        "best_step": best["step"],
+        "total_steps": total,
+        "history": history,
+    }

@@ -1,0 +1,88 @@
+"""Stage finetune: build (from config) or load (checkpoint) the SMoE and fine-tune it on the task."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from pipeline.adapters import ModelStructureError
+from pipeline.data import DataError, load_prepared
+from pipeline.modeling import (
+    CheckpointError,
+    atomic_dir,
+    build_model,
+    count_unique_params,
+    load_model,
+    resolve_device,
+    save_model,
+    transfer_embeddings,
+)
+from pipeline.training import TrainSettings, train
+from stages.common import lineage, load, mlflow_run, parser, section, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="prepared task folder")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned model")
+    args = p.parse_args(argv)
+    params = load(args)
+    t0 = time.time()
+    try:
+        task = load_prepared(args.data)
+        tok = task.tokenizer
+        m = params.model
+        if m.name_or_path:
+            model = load_model(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        else:
+            model = build_model(
+                m.family,
+                m.config,
+                len(tok),
+                tok.pad_token_id,
+                tok.eos_token_id,
+                m.router_init_std,
+                params.seed,
+            )
+            if m.init_embeddings_from:
+                print("embeddings:", transfer_embeddings(model, tok, m.init_embeddings_from), flush=True)
+        device = resolve_device(params.runtime.device)
+    except (DataError, CheckpointError, ModelStructureError, ValueError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    ft = params.finetune
+    settings = TrainSettings(**ft.model_dump(exclude={"checkpoint_every"}))
+    with mlflow_run(
+        params, args.params, "finetune", section(params, "seed", "model", "runtime", "finetune")
+    ) as run:
+        summary = train(
+            model,
+            task.splits["train"],
+            task.splits["dev"],
+            task.label_token_ids(),
+            tok.pad_token_id,
+            settings,
+            device,
+            params.runtime.dtype,
+            seed=params.seed,
+            log=run.log_metrics,
+        )
+        with atomic_dir(args.out) as tmp:
+            save_model(
+                model.cpu(),
+                tmp,
+                params=lineage(params, ("seed", "model", "runtime", "finetune"), args.data),
+                tokenizer=tok,
+            )
+        metrics = {
+            task.metric: summary["best_dev_accuracy"],
+            "best_step": summary["best_step"],
+            "total_steps": summary["total_steps"],
+            "params_total": count_unique_params(model),
+            "seconds": round(time.time() - t0, 1),
+        }
+        run.log_metrics(metrics)
+        write_json({**metrics, "history": summary["history"]}, args.metrics)
+
+
+if __name__ == "__main__":
+    main()

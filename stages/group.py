@@ -1,0 +1,74 @@
+"""Stage group: pick dominant experts globally by usage; every other expert joins its most similar one."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipeline.adapters import adapter_for
+from pipeline.grouping import LayerData, group_experts, merged_layer_names, validate_groups
+from pipeline.modeling import CheckpointError, atomic_dir, load_model
+from pipeline.profiling import load_profile
+from stages.common import load, mlflow_run, parser, section, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", required=True, help="aligned model")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--out", required=True, help="folder for groups.json")
+    args = p.parse_args(argv)
+    params = load(args)
+    g, t0 = params.group, time.time()
+    try:
+        model = load_model(args.model)
+        profiles = load_profile(Path(args.profile))
+    except (CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    adapter = adapter_for(model)
+    layers = adapter.sparse_layers(model)
+    merge_names = merged_layer_names([(ly.name, ly.stack) for ly in layers], g.skip_first_layer, g.layers)
+    if not merge_names:
+        sys.exit(
+            f"error: no SMoE layer left to merge with group.layers={g.layers} and group.skip_first_layer={g.skip_first_layer}"
+        )
+    n_exp = {ly.name: adapter.num_experts(ly) for ly in layers}
+    too_many = {n: n_exp[n] for n in merge_names if g.ratio == "uniform" and g.num_experts_avg > n_exp[n]}
+    if g.num_experts_avg > max(n_exp[n] for n in merge_names) or too_many:
+        sys.exit(
+            f"error: group.num_experts_avg={g.num_experts_avg} exceeds the experts per layer ({sorted(set(n_exp.values()))})"
+        )
+    data = {
+        ly.name: LayerData(
+            ly.name,
+            profiles[ly.name].router_logits,
+            next(adapter.router(ly).parameters()).detach(),
+            [adapter.expert_weights(ly, e) for e in range(n_exp[ly.name])],
+            seed=params.seed + ly.position,
+        )
+        for ly in layers
+        if ly.name in merge_names
+    }
+    freqs = {n: prof.frequency for n, prof in profiles.items()}
+    with mlflow_run(params, args.params, "group", section(params, "seed", "group")) as run:
+        groups = group_experts(data, freqs, merge_names, g.num_experts_avg, g.similarity, g.ratio)
+        validate_groups(groups, n_exp)
+        with atomic_dir(args.out) as tmp:
+            (tmp / "groups.json").write_text(json.dumps(groups, indent=1))
+        merged = {n: len(v["groups"]) for n, v in groups["layers"].items() if v["merged"]}
+        metrics = {
+            "merged_layers": len(merged),
+            "experts_before_merged_layers": sum(n_exp[n] for n in merged),
+            "experts_after_merged_layers": sum(merged.values()),
+            "kept_fraction_merged_layers": round(sum(merged.values()) / sum(n_exp[n] for n in merged), 4),
+            "experts_per_layer": {n: len(v["groups"]) for n, v in groups["layers"].items()},
+            "seconds": round(time.time() - t0, 2),
+        }
+        run.log_metrics(metrics)
+        write_json(metrics, args.metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Stage profile: route training samples through the fine-tuned SMoE; record usage and router logits."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+from pipeline.data import DataError, load_prepared
+from pipeline.modeling import CheckpointError, atomic_dir, load_model, resolve_device
+from pipeline.profiling import profile_routing, save_profile
+from stages.common import load, mlflow_run, parser, section, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="folder for profile.safetensors and profile.json")
+    args = p.parse_args(argv)
+    params = load(args)
+    t0 = time.time()
+    try:
+        task = load_prepared(args.data, splits=("train",))
+        model = load_model(args.model)
+        device = resolve_device(params.runtime.device)
+    except (DataError, CheckpointError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    rows = task.splits["train"]
+    n = params.profile.num_samples
+    if n > len(rows):
+        sys.exit(f"error: profile.num_samples={n} exceeds the {len(rows)} training examples")
+    sample = random.Random(params.seed).sample(rows, n)
+    with mlflow_run(params, args.params, "profile", section(params, "seed", "profile", "runtime")) as run:
+        profiles = profile_routing(
+            model, sample, task.tokenizer.pad_token_id, params.profile.batch_size, device
+        )
+        with atomic_dir(args.out) as tmp:
+            save_profile(profiles, tmp)
+        metrics = {"samples": n, "seconds": round(time.time() - t0, 1), "layers": {}}
+        for name, prof in profiles.items():
+            f = prof.frequency
+            metrics["layers"][name] = {
+                "tokens": prof.tokens,
+                "max_frequency": round(float(f.max()), 4),
+                "min_frequency": round(float(f.min()), 4),
+                "unused_experts": int((prof.counts == 0).sum()),
+                "dropped_tokens": prof.tokens - int(prof.counts.sum()),
+            }
+        run.log_metrics(metrics)
+        write_json(metrics, args.metrics)
+
+
+if __name__ == "__main__":
+    main()
