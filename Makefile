@@ -1,5 +1,7 @@
 # One venv, pinned versions; torch is pinned first so pip takes the CPU wheel instead of a CUDA build.
 PY ?= .venv/bin/python
+# DVC runs each stage's `python -m stages...` through the shell: put the venv first on PATH.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 

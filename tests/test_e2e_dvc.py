@@ -23,7 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason="of
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "SMOE_DATA_DIR": str(DATA), "MLFLOW_DISABLE_TELEMETRY": "true", "SMOE_PIPELINE_ID": "e2e"}
+    env = {
+        **os.environ,
+        # Stage commands say `python`: make it this interpreter.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SMOE_DATA_DIR": str(DATA),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "SMOE_PIPELINE_ID": "e2e",
+    }
     res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"dvc {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res.stdout + res.stderr
@@ -31,6 +38,18 @@ def _dvc(repo: Path, *args: str) -> str:
 
 def _ran(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", log))
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _deep_update(base.get(k) or {}, v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def tiny_params() -> dict:
+    """The default params.yaml with the tiny overrides: every key dvc.yaml names is present."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return _deep_update(params, yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +61,7 @@ def repo(tmp_path_factory) -> Path:
             shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy2(src, dst / item)
-    shutil.copy2(ROOT / "tests" / "tiny_params.yaml", dst / "params.yaml")
+    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     return dst
 
