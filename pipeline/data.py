@@ -53,8 +53,8 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         rows = list(reader)
-    if reader.fieldnames is None:
-        raise DataError(f"{path}: empty file (no header row)")
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty file (no header row)")
     return rows
 
 
@@ -136,7 +136,8 @@ TASKS.register("mrpc")(
         local_files={
             "train": "glue/MRPC/train.tsv",
             "dev": "glue/MRPC/dev.tsv",
-            "test": "glue/MRPC/test.tsv",
+            # GLUE's MRPC test.tsv is unlabelled; the original release file carries the labels.
+            "test": "glue/MRPC/msr_paraphrase_test.txt",
         },
         read_local=_mrpc_local,
         hub=("glue", "mrpc"),

@@ -105,9 +105,9 @@ def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.
             )
         else:
             model = _load_structured(path, config, adapter, json.loads(structure_path.read_text()))
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, CheckpointError):
-            raise
+    except (CheckpointError, ModelStructureError):
+        raise
+    except Exception as err:  # safetensors, torch and transformers each raise their own types
         raise CheckpointError(f"cannot load weights from {name_or_path}: {err}") from None
     _require_sparse(model)
     model.eval()
@@ -254,8 +254,13 @@ def transfer_embeddings(model: nn.Module, tokenizer, source: str | Path) -> dict
     if not keys:
         raise CheckpointError(f"{folder}: no word embedding matrix found in model.safetensors")
     table = weights[keys[0]].float()
-    emb = model.get_input_embeddings()
-    n_tok, d_model = emb.weight.shape
+    # Encoder-decoder models with untied embeddings read tokens through separate tables: fill each.
+    tables = [model.get_input_embeddings()]
+    for side in ("get_encoder", "get_decoder"):
+        if hasattr(model, side):
+            tables.append(getattr(model, side)().get_input_embeddings())
+    tables = list({id(t.weight): t for t in tables}.values())
+    n_tok, d_model = tables[0].weight.shape
     mean = table.mean(0)
     vectors, covered = [], 0
     for i in range(n_tok):
@@ -270,5 +275,6 @@ def transfer_embeddings(model: nn.Module, tokenizer, source: str | Path) -> dict
     if vh.shape[0] < d_model:
         raise ValueError(f"source embeddings have {vh.shape[0]} dims, fewer than d_model={d_model}")
     y = x @ vh[:d_model].T
-    emb.weight.copy_((y / y.std()).to(emb.weight.dtype))
+    for table in tables:
+        table.weight.copy_((y / y.std()).to(table.weight.dtype))
     return {"source": str(folder), "tokens_covered": covered, "tokens_total": n_tok}
