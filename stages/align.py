@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         task = load_prepared(args.data, splits=("dev",))
         model = load_model(args.model)
-        profiles = load_profile(__import__("pathlib").Path(args.profile))
+        profiles = load_profile(Path(args.profile))
     except (DataError, CheckpointError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     check = collate(
