@@ -9,6 +9,7 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from pipeline.data import train_bpe_tokenizer
 from pipeline.modeling import CheckpointError, build_model, transfer_embeddings
+from tests.conftest import TINY
 
 WORDS = ["good", "bad", "movie", "film", "great", "awful", "the", "a", "plot", "acting"]
 
@@ -33,45 +34,28 @@ def dense_source(tmp_path_factory):
     return folder, vocab
 
 
-def test_transfer_copies_word_geometry(dense_source):
-    folder, vocab = dense_source
+def _switch(tok, tie: bool):
+    cfg = {**TINY, "tie_word_embeddings": tie}
+    return build_model("switch_transformers", cfg, len(tok), tok.pad_token_id, tok.eos_token_id, 0.02, 0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_transfer_fills_every_input_table(dense_source, tie):
+    folder, _ = dense_source
     tok = train_bpe_tokenizer([" ".join(WORDS)] * 50, 300, ["negative", "positive"])
-    cfg = dict(
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        num_experts=4,
-        encoder_sparse_step=2,
-        decoder_sparse_step=2,
-    )
-    model = build_model("switch_transformers", cfg, len(tok), tok.pad_token_id, tok.eos_token_id, 0.02, 0)
+    model = _switch(tok, tie)
     report = transfer_embeddings(model, tok, folder)
     assert report["tokens_total"] == len(tok)
     assert 0 < report["tokens_covered"] <= len(tok)
     emb = model.get_input_embeddings().weight
-    assert emb.shape == (len(tok), 16)
+    assert emb.shape == (len(tok), TINY["d_model"])
     assert torch.isclose(emb.std(), torch.tensor(1.0), atol=1e-3)
-    # Two tokens that map to the same source word get the same vector.
-    good = [i for i in range(len(tok)) if tok.decode([i]).strip() == "good"]
-    assert good, "the BPE vocabulary should hold the word 'good'"
+    # Untied encoder/decoder tables are what the stacks read: they must carry the same vectors.
+    assert torch.equal(model.get_encoder().get_input_embeddings().weight, emb)
+    assert torch.equal(model.get_decoder().get_input_embeddings().weight, emb)
 
 
 def test_transfer_rejects_unknown_source():
     tok = train_bpe_tokenizer(["a b c"] * 10, 300, [])
-    cfg = dict(
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        num_experts=4,
-        encoder_sparse_step=2,
-        decoder_sparse_step=2,
-    )
-    model = build_model("switch_transformers", cfg, len(tok), tok.pad_token_id, tok.eos_token_id, 0.02, 0)
     with pytest.raises(CheckpointError, match="neither a local model folder nor an installed package"):
-        transfer_embeddings(model, tok, "no-such-package-xyz")
+        transfer_embeddings(_switch(tok, True), tok, "no-such-package-xyz")
