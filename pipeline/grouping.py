@@ -84,7 +84,8 @@ def dominant_budget(
     total = num_experts_avg * len(names)
     if total > sum(sizes.values()):
         raise ValueError(
-            f"asked for {total} dominant experts but the merged layers hold only {sum(sizes.values())}"
+            f"group.num_experts_avg={num_experts_avg} x {len(names)} merged layers = {total} dominant experts, "
+            f"but those layers hold only {sum(sizes.values())}"
         )
     if ratio == "uniform":
         if any(num_experts_avg > s for s in sizes.values()):

@@ -35,11 +35,6 @@ def main(argv: list[str] | None = None) -> None:
             f"error: no SMoE layer left to merge with group.layers={g.layers} and group.skip_first_layer={g.skip_first_layer}"
         )
     n_exp = {ly.name: adapter.num_experts(ly) for ly in layers}
-    too_many = {n: n_exp[n] for n in merge_names if g.ratio == "uniform" and g.num_experts_avg > n_exp[n]}
-    if g.num_experts_avg > max(n_exp[n] for n in merge_names) or too_many:
-        sys.exit(
-            f"error: group.num_experts_avg={g.num_experts_avg} exceeds the experts per layer ({sorted(set(n_exp.values()))})"
-        )
     data = {
         ly.name: LayerData(
             ly.name,
@@ -52,9 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         if ly.name in merge_names
     }
     freqs = {n: prof.frequency for n, prof in profiles.items()}
-    with mlflow_run(params, args.params, "group", section(params, "seed", "group")) as run:
+    # Grouping is cheap: do it (and fail on an impossible budget) before anything is logged or written.
+    try:
         groups = group_experts(data, freqs, merge_names, g.num_experts_avg, g.similarity, g.ratio)
         validate_groups(groups, n_exp)
+    except ValueError as err:
+        sys.exit(f"error: group: {err}")
+    with mlflow_run(params, args.params, "group", section(params, "seed", "group")) as run:
         with atomic_dir(args.out) as tmp:
             (tmp / "groups.json").write_text(json.dumps(groups, indent=1))
         merged = {n: len(v["groups"]) for n, v in groups["layers"].items() if v["merged"]}
