@@ -91,8 +91,6 @@ class TrainParams(_Section):
     router_z_loss_coef: float = Field(0.001, ge=0)
     router_aux_loss_coef: float = Field(0.001, ge=0)
     eval_every_epochs: float = Field(1.0, gt=0)
-    # Write a resumable checkpoint every N optimiser steps (0: never).
-    checkpoint_every: int = Field(0, ge=0)
 
 
 class ProfileParams(_Section):

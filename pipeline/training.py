@@ -222,7 +222,8 @@ def train(
                     },
                     step,
                 )
-            if step % eval_every == 0 or step == total:
+            # The last evaluation is at the end; skip a periodic one that would fall just before it.
+            if step == total or (step % eval_every == 0 and total - step >= eval_every // 2):
                 acc = evaluate_accuracy(
                     model, dev_rows, class_targets, pad_id, settings.eval_batch_size, device, dtype
                 )

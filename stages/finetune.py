@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, CheckpointError, ModelStructureError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     ft = params.finetune
-    settings = TrainSettings(**ft.model_dump(exclude={"checkpoint_every"}))
+    settings = TrainSettings(**ft.model_dump())
     with mlflow_run(
         params, args.params, "finetune", section(params, "seed", "model", "runtime", "finetune")
     ) as run:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, CheckpointError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     tok, kd, c = task.tokenizer, params.kd, params.compress
-    settings = TrainSettings(**kd.train.model_dump(exclude={"checkpoint_every"}))
+    settings = TrainSettings(**kd.train.model_dump())
     outs = {"m_smoe": args.out_m_smoe, "mc_smoe": args.out_mc_smoe}
     metrics = {}
     for name, student in students.items():
