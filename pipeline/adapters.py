@@ -57,6 +57,14 @@ class MoEAdapter:
     def set_expert_weights(self, layer: SparseLayer, idx: int, weights: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def expert_parameters(self, layer: SparseLayer, idx: int) -> dict[str, nn.Parameter]:
+        """The trainable tensors behind :meth:`expert_weights`, under the same names (for gradients)."""
+        raise NotImplementedError
+
+    def expert_activations(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """Hidden-neuron activations ``[T, F]`` of expert ``idx`` on layer inputs ``x`` ``[T, H]``."""
+        raise NotImplementedError
+
     def replace_with_merged(
         self,
         model: nn.Module,
@@ -192,6 +200,14 @@ class SwitchAdapter(MoEAdapter):
     def expert_weights(self, layer: SparseLayer, idx: int) -> dict[str, torch.Tensor]:
         e = layer.module.experts[f"expert_{idx}"]
         return {"wi": linear_weight(e.wi).detach(), "wo": linear_weight(e.wo).detach()}
+
+    def expert_parameters(self, layer: SparseLayer, idx: int) -> dict[str, nn.Parameter]:
+        e = layer.module.experts[f"expert_{idx}"]
+        return {k: getattr(e, k).weight for k in ("wi", "wo") if isinstance(getattr(e, k), nn.Linear)}
+
+    def expert_activations(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
+        e = layer.module.experts[f"expert_{idx}"]
+        return e.act(e.wi(x.to(next(e.parameters()).dtype)))
 
     def set_expert_weights(self, layer: SparseLayer, idx: int, weights: dict[str, torch.Tensor]) -> None:
         e = layer.module.experts[f"expert_{idx}"]

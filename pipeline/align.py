@@ -12,8 +12,9 @@ from torch import nn
 from pipeline.adapters import MoEAdapter, SparseLayer
 from pipeline.registry import Registry
 
-# An aligner returns, for one layer, a permutation of each expert's hidden neurons (None: leave as is).
-Aligner = Callable[[MoEAdapter, SparseLayer, int], list[torch.Tensor | None]]
+# An aligner returns, for one layer, a permutation of each expert's hidden neurons (None: leave as
+# is), given the reference expert and the layer inputs kept by profiling (None if not available).
+Aligner = Callable[[MoEAdapter, SparseLayer, int, "torch.Tensor | None"], list[torch.Tensor | None]]
 ALIGNERS: Registry[Aligner] = Registry("alignment method")
 
 
@@ -41,7 +42,9 @@ def weight_matching_permutation(
 
 
 @ALIGNERS.register("weight-matching")
-def _weight_matching(adapter: MoEAdapter, layer: SparseLayer, reference: int) -> list[torch.Tensor | None]:
+def _weight_matching(
+    adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
+) -> list[torch.Tensor | None]:
     ref = adapter.expert_weights(layer, reference)
     out: list[torch.Tensor | None] = []
     for e in range(adapter.num_experts(layer)):
@@ -53,8 +56,39 @@ def _weight_matching(adapter: MoEAdapter, layer: SparseLayer, reference: int) ->
     return out
 
 
+def activation_matching_permutation(ref_act: torch.Tensor, other_act: torch.Tensor) -> torch.Tensor:
+    """The permutation maximising the summed correlation of paired hidden activations ``[T, F]``."""
+
+    def standardise(a: torch.Tensor) -> torch.Tensor:
+        a = a.double() - a.double().mean(0)
+        return a / a.norm(dim=0).clamp_min(1e-12)
+
+    corr = standardise(ref_act).T @ standardise(other_act)
+    rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)
+    perm = np.empty_like(cols)
+    perm[rows] = cols
+    return torch.as_tensor(perm, dtype=torch.long)
+
+
+@ALIGNERS.register("activation-matching")
+def _activation_matching(
+    adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
+) -> list[torch.Tensor | None]:
+    if inputs is None or len(inputs) < 2:
+        raise ValueError(f"align.method=activation-matching needs profiled layer inputs for {layer.name}")
+    ref = adapter.expert_activations(layer, reference, inputs)
+    return [
+        None
+        if e == reference
+        else activation_matching_permutation(ref, adapter.expert_activations(layer, e, inputs))
+        for e in range(adapter.num_experts(layer))
+    ]
+
+
 @ALIGNERS.register("none")
-def _no_alignment(adapter: MoEAdapter, layer: SparseLayer, reference: int) -> list[torch.Tensor | None]:
+def _no_alignment(
+    adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
+) -> list[torch.Tensor | None]:
     return [None] * adapter.num_experts(layer)
 
 
@@ -65,10 +99,12 @@ def align_model(
     method: str,
     reference: str,
     frequencies: dict[str, torch.Tensor] | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Align every expert of every SMoE layer to the layer's reference expert, in place.
 
-    ``reference``: ``first`` (expert 0, as the paper) or ``most-used`` (needs ``frequencies``).
+    ``reference``: ``first`` (expert 0, as the paper) or ``most-used`` (needs ``frequencies``);
+    ``inputs``: per layer, profiled layer inputs (needed by activation matching).
     Returns per-layer reference experts and how many neurons moved.
     """
     aligner = ALIGNERS.get(method)
@@ -80,7 +116,7 @@ def align_model(
             ref = int(torch.argmax(frequencies[layer.name]))
         else:
             ref = 0
-        perms = aligner(adapter, layer, ref)
+        perms = aligner(adapter, layer, ref, (inputs or {}).get(layer.name))
         moved = 0
         for e, perm in enumerate(perms):
             if perm is not None:

@@ -96,6 +96,10 @@ class TrainParams(_Section):
 class ProfileParams(_Section):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
+    # Layer inputs kept per SMoE layer for activation matching.
+    max_inputs: int = Field(1024, ge=1)
+    # Also collect per-expert gradients and Fisher diagonals (needed by expert-gradient and fisher).
+    gradients: bool = False
 
 
 class AlignParams(_Section):
@@ -206,6 +210,15 @@ class Params(_Section):
             raise ValueError(
                 f"group.num_experts_avg={self.group.num_experts_avg} exceeds model.config.num_experts={n_exp}"
             )
+        if not self.profile.gradients:
+            for key, value in (
+                ("group.similarity", self.group.similarity),
+                ("merge.strategy", self.merge.strategy),
+            ):
+                if value in ("expert-gradient", "fisher"):
+                    raise ValueError(
+                        f"{key}={value} needs gradients from profiling: set profile.gradients: true"
+                    )
         dims = [cfg[k] for k in ("d_model", "d_ff") if k in cfg]
         if dims and self.compress.rank >= min(dims):
             raise ValueError(

@@ -20,6 +20,19 @@ class LayerData:
     router_weight: torch.Tensor  # [N, H]
     expert_weights: list[dict[str, torch.Tensor]]
     seed: int = 0
+    # From the routing profile; None when it was not collected.
+    feature_mean: torch.Tensor | None = None  # [N, H]
+    feature_abs_mean: torch.Tensor | None = None  # [N, H]
+    feature_norm: torch.Tensor | None = None  # [N, H]
+    gradients: dict[str, torch.Tensor] | None = None  # "expert::matrix" -> summed gradient
+
+    def need(self, field: str, similarity: str, how: str) -> torch.Tensor | dict:
+        value = getattr(self, field)
+        if value is None:
+            raise ValueError(
+                f"group.similarity={similarity} needs {how}, which the routing profile of {self.name} lacks"
+            )
+        return value
 
 
 Similarity = Callable[[LayerData], torch.Tensor]
@@ -50,6 +63,39 @@ def _expert_weight(d: LayerData) -> torch.Tensor:
     return cosine_matrix(
         torch.stack([torch.cat([w.flatten() for w in e.values()]) for e in d.expert_weights])
     )
+
+
+@SIMILARITIES.register("expert-weight-feature")
+def _expert_weight_feature(d: LayerData) -> torch.Tensor:
+    # Input columns of each expert's first matrix weighted by how strongly its tokens use them.
+    norm = d.need("feature_norm", "expert-weight-feature", "per-expert input feature norms")
+    rows = []
+    for e, w in enumerate(d.expert_weights):
+        parts = [w[k] * norm[e][None, :] if w[k].shape[-1] == norm.shape[-1] else w[k] for k in w]
+        rows.append(torch.cat([p.flatten() for p in parts]))
+    return cosine_matrix(torch.stack(rows))
+
+
+@SIMILARITIES.register("expert-feature")
+def _expert_feature(d: LayerData) -> torch.Tensor:
+    return cosine_matrix(d.need("feature_mean", "expert-feature", "per-expert mean input features"))
+
+
+@SIMILARITIES.register("expert-feature-abs")
+def _expert_feature_abs(d: LayerData) -> torch.Tensor:
+    return cosine_matrix(d.need("feature_abs_mean", "expert-feature-abs", "per-expert mean |input features|"))
+
+
+@SIMILARITIES.register("expert-gradient")
+def _expert_gradient(d: LayerData) -> torch.Tensor:
+    grads = d.need("gradients", "expert-gradient", "expert gradients (set profile.gradients: true)")
+    rows = []
+    for e, w in enumerate(d.expert_weights):
+        # An expert that got no token has no gradient: a zero vector, similar to nothing.
+        rows.append(
+            torch.cat([grads.get(f"{e}::{k}", torch.zeros_like(v)).flatten().float() for k, v in w.items()])
+        )
+    return cosine_matrix(torch.stack(rows))
 
 
 @SIMILARITIES.register("random")

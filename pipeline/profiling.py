@@ -20,56 +20,156 @@ class LayerProfile:
     counts: torch.Tensor  # [N] tokens dispatched to each expert (after capacity drop)
     tokens: int  # non-padding tokens seen by the layer
     router_logits: torch.Tensor  # [T, N] router logits of those tokens
+    # Sums over the tokens dispatched to each expert of its input x, |x| and x^2: [N, H].
+    feature_sum: torch.Tensor | None = None
+    feature_abs_sum: torch.Tensor | None = None
+    feature_sq_sum: torch.Tensor | None = None
+    # Layer inputs of the first profiled tokens [T', H], shared by all experts (activation matching).
+    inputs: torch.Tensor | None = None
+    # Per expert and matrix: summed gradient and summed squared gradient (diagonal Fisher) of the loss.
+    gradients: dict[str, torch.Tensor] | None = None
+    fisher: dict[str, torch.Tensor] | None = None
 
     @property
     def frequency(self) -> torch.Tensor:
         """Share of the layer's tokens each expert processed."""
         return self.counts / max(1, self.tokens)
 
+    def _per_expert(self, total: torch.Tensor | None) -> torch.Tensor | None:
+        return None if total is None else total / self.counts.clamp_min(1)[:, None]
+
+    @property
+    def feature_mean(self) -> torch.Tensor | None:
+        """Mean input hidden state of the tokens each expert processed (zeros if none)."""
+        return self._per_expert(self.feature_sum)
+
+    @property
+    def feature_abs_mean(self) -> torch.Tensor | None:
+        return self._per_expert(self.feature_abs_sum)
+
+    @property
+    def feature_norm(self) -> torch.Tensor | None:
+        """Per input dimension, the L2 norm over the expert's tokens of its input features: [N, H]."""
+        return None if self.feature_sq_sum is None else self.feature_sq_sum.sqrt()
+
+
+def _tokens_mask(batch: dict) -> dict[str, torch.Tensor]:
+    return {"encoder": batch["attention_mask"].bool(), "decoder": batch["labels"] != -100}
+
+
+def _forward(model: nn.Module, batch: dict):
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+    )
+
 
 @torch.no_grad()
 def profile_routing(
-    model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, device: torch.device
+    model: nn.Module,
+    rows: list[dict],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    max_inputs: int = 1024,
 ) -> dict[str, LayerProfile]:
-    """Route ``rows`` through ``model`` and record each SMoE layer's dispatch and router logits.
+    """Route ``rows`` through ``model`` and record, per SMoE layer, what merging methods need.
 
-    Padding tokens (source padding, target positions past the label) are excluded.
+    Dispatch counts, router logits, per-expert input feature statistics and the first
+    ``max_inputs`` layer inputs, in one pass. Padding tokens (source padding, target positions
+    past the label) are excluded everywhere.
     """
+    if not rows:
+        raise ValueError("no samples to profile")
     adapter = adapter_for(model)
     layers = adapter.sparse_layers(model)
     model.to(device).eval()
     masks: dict[str, torch.Tensor] = {}
-    acc = {layer.name: {"counts": 0, "tokens": 0, "logits": []} for layer in layers}
+    acc = {
+        layer.name: {"counts": 0, "tokens": 0, "logits": [], "x": 0, "ax": 0, "x2": 0, "inputs": []}
+        for layer in layers
+    }
     handles = []
     for layer in layers:
 
-        def hook(_mod, _inp, output, name=layer.name, stack=layer.stack):
+        def hook(_mod, inputs, output, name=layer.name, stack=layer.stack):
             dispatch, _probs, logits = output
-            keep = masks[stack].reshape(-1).bool()
-            d = dispatch.reshape(-1, dispatch.shape[-1])[keep]
-            acc[name]["counts"] += d.float().sum(0).cpu()
-            acc[name]["tokens"] += int(keep.sum())
-            acc[name]["logits"].append(logits.reshape(-1, logits.shape[-1])[keep].float().cpu())
+            keep = masks[stack].reshape(-1)
+            d = dispatch.reshape(-1, dispatch.shape[-1])[keep].float()
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep].float()
+            a = acc[name]
+            a["counts"] += d.sum(0).cpu()
+            a["tokens"] += int(keep.sum())
+            a["logits"].append(logits.reshape(-1, logits.shape[-1])[keep].float().cpu())
+            a["x"] += (d.T @ x).cpu()
+            a["ax"] += (d.T @ x.abs()).cpu()
+            a["x2"] += (d.T @ x.square()).cpu()
+            have = sum(len(t) for t in a["inputs"])
+            if have < max_inputs:
+                a["inputs"].append(x[: max_inputs - have].cpu())
 
         handles.append(adapter.router(layer).register_forward_hook(hook))
     try:
         for batch in batches(rows, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            masks["encoder"] = batch["attention_mask"]
-            masks["decoder"] = batch["labels"] != -100
-            model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
-            )
+            masks.update(_tokens_mask(batch))
+            _forward(model, batch)
     finally:
         for h in handles:
             h.remove()
-    if not rows:
-        raise ValueError("no samples to profile")
     return {
-        name: LayerProfile(name, a["counts"], a["tokens"], torch.cat(a["logits"])) for name, a in acc.items()
+        name: LayerProfile(
+            name,
+            a["counts"],
+            a["tokens"],
+            torch.cat(a["logits"]),
+            a["x"],
+            a["ax"],
+            a["x2"],
+            torch.cat(a["inputs"]),
+        )
+        for name, a in acc.items()
     }
+
+
+def profile_gradients(
+    model: nn.Module,
+    rows: list[dict],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    profiles: dict[str, LayerProfile],
+) -> None:
+    """Add each expert's summed gradient and diagonal Fisher (summed squared batch gradients) of the
+    target loss on ``rows`` to ``profiles`` (in place)."""
+    from pipeline.training import task_loss
+
+    adapter = adapter_for(model)
+    layers = adapter.sparse_layers(model)
+    model.to(device).eval()
+    grads = {ly.name: {} for ly in layers}
+    fisher = {ly.name: {} for ly in layers}
+    for batch in batches(rows, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        model.zero_grad(set_to_none=True)
+        task_loss(_forward(model, batch).logits, batch["labels"]).backward()
+        for ly in layers:
+            for e in range(adapter.num_experts(ly)):
+                for pname, p in adapter.expert_parameters(ly, e).items():
+                    if p.grad is None:  # the expert got no token
+                        continue
+                    key = f"{e}::{pname}"
+                    g = p.grad.detach().float().cpu()
+                    grads[ly.name][key] = grads[ly.name].get(key, 0) + g
+                    fisher[ly.name][key] = fisher[ly.name].get(key, 0) + g.square()
+    model.zero_grad(set_to_none=True)
+    for ly in layers:
+        profiles[ly.name].gradients = grads[ly.name]
+        profiles[ly.name].fisher = fisher[ly.name]
+
+
+_OPTIONAL = ("feature_sum", "feature_abs_sum", "feature_sq_sum", "inputs")
 
 
 def save_profile(profiles: dict[str, LayerProfile], folder: Path) -> None:
@@ -78,9 +178,19 @@ def save_profile(profiles: dict[str, LayerProfile], folder: Path) -> None:
     for name, p in profiles.items():
         tensors[f"{name}::counts"] = p.counts.contiguous()
         tensors[f"{name}::router_logits"] = p.router_logits.contiguous()
+        for field in _OPTIONAL:
+            if getattr(p, field) is not None:
+                tensors[f"{name}::{field}"] = getattr(p, field).contiguous()
+        for kind in ("gradients", "fisher"):
+            for key, t in (getattr(p, kind) or {}).items():
+                tensors[f"{name}::{kind}::{key}"] = t.contiguous()
     save_file(tensors, str(folder / "profile.safetensors"))
     summary = {
-        name: {"tokens": p.tokens, "frequency": [round(x, 6) for x in p.frequency.tolist()]}
+        name: {
+            "tokens": p.tokens,
+            "frequency": [round(x, 6) for x in p.frequency.tolist()],
+            "has_gradients": p.gradients is not None,
+        }
         for name, p in profiles.items()
     }
     (folder / "profile.json").write_text(json.dumps(summary, indent=1))
@@ -94,7 +204,14 @@ def load_profile(folder: Path) -> dict[str, LayerProfile]:
         )
     summary = json.loads(summary_path.read_text())
     tensors = load_file(str(folder / "profile.safetensors"))
-    return {
-        name: LayerProfile(name, tensors[f"{name}::counts"], s["tokens"], tensors[f"{name}::router_logits"])
-        for name, s in summary.items()
-    }
+    out = {}
+    for name, s in summary.items():
+        p = LayerProfile(name, tensors[f"{name}::counts"], s["tokens"], tensors[f"{name}::router_logits"])
+        for field in _OPTIONAL:
+            setattr(p, field, tensors.get(f"{name}::{field}"))
+        for kind in ("gradients", "fisher"):
+            prefix = f"{name}::{kind}::"
+            found = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
+            setattr(p, kind, found or None)
+        out[name] = p
+    return out

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
             next(adapter.router(ly).parameters()).detach(),
             [adapter.expert_weights(ly, e) for e in range(n_exp[ly.name])],
             seed=params.seed + ly.position,
+            feature_mean=profiles[ly.name].feature_mean,
+            feature_abs_mean=profiles[ly.name].feature_abs_mean,
+            feature_norm=profiles[ly.name].feature_norm,
+            gradients=profiles[ly.name].gradients,
         )
         for ly in layers
         if ly.name in merge_names

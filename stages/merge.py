@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with mlflow_run(params, args.params, "merge", section(params, "merge")) as run:
-        report = merge_model(
-            model, adapter, groups, {n: prof.frequency for n, prof in profiles.items()}, params.merge.strategy
-        )
+        report = merge_model(model, adapter, groups, profiles, params.merge.strategy)
         with atomic_dir(args.out) as tmp:
             save_model(
                 model,

@@ -8,7 +8,7 @@ import time
 
 from pipeline.data import DataError, load_prepared
 from pipeline.modeling import CheckpointError, atomic_dir, load_model, resolve_device
-from pipeline.profiling import profile_routing, save_profile
+from pipeline.profiling import profile_gradients, profile_routing, save_profile
 from stages.common import load, mlflow_run, parser, section, write_json
 
 
@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: profile.num_samples={n} exceeds the {len(rows)} training examples")
     sample = random.Random(params.seed).sample(rows, n)
     with mlflow_run(params, args.params, "profile", section(params, "seed", "profile", "runtime")) as run:
-        profiles = profile_routing(
-            model, sample, task.tokenizer.pad_token_id, params.profile.batch_size, device
-        )
+        pp, pad = params.profile, task.tokenizer.pad_token_id
+        profiles = profile_routing(model, sample, pad, pp.batch_size, device, pp.max_inputs)
+        if pp.gradients:
+            profile_gradients(model, sample, pad, pp.batch_size, device, profiles)
         with atomic_dir(args.out) as tmp:
             save_profile(profiles, tmp)
         metrics = {"samples": n, "seconds": round(time.time() - t0, 1), "layers": {}}

@@ -78,3 +78,15 @@ def logits(model, batch) -> torch.Tensor:
             attention_mask=batch["attention_mask"],
             decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
         ).logits
+
+
+def profiles_for(names, n_experts: int = 8, seed: int = 0) -> dict:
+    """Routing profiles with random usage counts for the given layer names."""
+    from pipeline.profiling import LayerProfile
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        counts = torch.randint(0, 50, (n_experts,), generator=g).float()
+        out[name] = LayerProfile(name, counts, int(counts.sum()), torch.zeros(int(counts.sum()), n_experts))
+    return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.adapters import adapter_for
-from pipeline.align import align_model, weight_matching_permutation
+from pipeline.align import activation_matching_permutation, align_model, weight_matching_permutation
 from pipeline.registry import UnknownChoiceError
 from tests.conftest import logits
 
@@ -69,5 +69,28 @@ def test_alignment_none_changes_nothing(tiny_model):
 
 
 def test_unknown_method_lists_choices(tiny_model):
-    with pytest.raises(UnknownChoiceError, match="valid choices: none, weight-matching"):
+    with pytest.raises(UnknownChoiceError, match="valid choices: activation-matching, none, weight-matching"):
         align_model(tiny_model, adapter_for(tiny_model), "git-rebase", "first")
+
+
+def test_activation_matching_recovers_a_known_permutation():
+    x = torch.randn(200, 6)
+    a = _expert(12, 6, 7)
+    shuffle = torch.randperm(12, generator=torch.Generator().manual_seed(8))
+    b = _permute(a, shuffle)
+    perm = activation_matching_permutation(torch.relu(x @ a["wi"].T), torch.relu(x @ b["wi"].T))
+    assert torch.equal(_permute(b, perm)["wi"], a["wi"])
+
+
+def test_activation_matching_leaves_model_outputs_unchanged(tiny_model, batch):
+    adapter = adapter_for(tiny_model)
+    before = logits(tiny_model, batch)
+    inputs = {ly.name: torch.randn(64, 32) for ly in adapter.sparse_layers(tiny_model)}
+    report = align_model(tiny_model, adapter, "activation-matching", "first", inputs=inputs)
+    assert sum(r["neurons_moved"] for r in report.values()) > 0
+    assert torch.allclose(logits(tiny_model, batch), before, atol=1e-5)
+
+
+def test_activation_matching_needs_inputs(tiny_model):
+    with pytest.raises(ValueError, match="needs profiled layer inputs"):
+        align_model(tiny_model, adapter_for(tiny_model), "activation-matching", "first")

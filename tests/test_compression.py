@@ -13,14 +13,14 @@ from pipeline.compression import (
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, load_model, save_model
 from pipeline.moe import LowRankSparseLinear
-from tests.conftest import logits
+from tests.conftest import logits, profiles_for
 
 
 def _merged(model):
     adapter = adapter_for(model)
     names = [ly.name for ly in adapter.sparse_layers(model)][1:]
     groups = {"layers": {n: {"merged": True, "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]} for n in names}}
-    merge_model(model, adapter, groups, {n: torch.rand(8) for n in names}, "frequency")
+    merge_model(model, adapter, groups, profiles_for(names), "frequency")
     return model, adapter
 
 

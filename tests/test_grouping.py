@@ -16,7 +16,20 @@ from pipeline.grouping import (
 def _data(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     experts = [{"wi": torch.randn(6, 4, generator=g), "wo": torch.randn(4, 6, generator=g)} for _ in range(n)]
-    return LayerData("l", torch.randn(50, n, generator=g), torch.randn(n, 4, generator=g), experts, seed=seed)
+    grads = {
+        f"{e}::{k}": torch.randn(v.shape, generator=g) for e in range(n - 1) for k, v in experts[e].items()
+    }
+    return LayerData(
+        "l",
+        torch.randn(50, n, generator=g),
+        torch.randn(n, 4, generator=g),
+        experts,
+        seed=seed,
+        feature_mean=torch.randn(n, 4, generator=g),
+        feature_abs_mean=torch.rand(n, 4, generator=g),
+        feature_norm=torch.rand(n, 4, generator=g),
+        gradients=grads,  # the last expert got no token, so no gradient
+    )
 
 
 def test_budget_sums_to_total_and_each_layer_keeps_one():
@@ -98,3 +111,13 @@ def test_groups_of_tiny_model_cover_all_experts(tiny_model):
     names = merged_layer_names([(ly.name, ly.stack) for ly in layers], True, "both")
     groups = group_experts(data, freqs, names, 2, "router-logits", "uniform")
     validate_groups(groups, {ly.name: 8 for ly in layers})
+
+
+@pytest.mark.parametrize(
+    "name", ["expert-feature", "expert-feature-abs", "expert-weight-feature", "expert-gradient"]
+)
+def test_profile_based_similarity_without_profile_data_is_explained(name):
+    d = _data()
+    d.feature_mean = d.feature_abs_mean = d.feature_norm = d.gradients = None
+    with pytest.raises(ValueError, match=f"group.similarity={name} needs"):
+        SIMILARITIES.get(name)(d)

@@ -12,7 +12,7 @@ from pipeline.modeling import (
     load_model,
     save_model,
 )
-from tests.conftest import TINY, VOCAB, logits
+from tests.conftest import TINY, VOCAB, logits, profiles_for
 
 
 def test_reloaded_switch_matches(tiny_dir, tiny_model, batch):
@@ -54,7 +54,7 @@ def test_structure_mismatch(tiny_model, tmp_path):
         tiny_model,
         adapter,
         {"layers": {name: {"merged": True, "groups": [list(range(8))]}}},
-        {name: torch.rand(8)},
+        profiles_for([name]),
         "uniform",
     )
     save_model(tiny_model, tmp_path)
