@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.adapters import adapter_for
 from pipeline.grouping import LayerData, group_experts, merged_layer_names, validate_groups
 from pipeline.modeling import CheckpointError, atomic_dir, load_model
+from pipeline.plots import plot_groups
 from pipeline.profiling import load_profile
 from stages.common import load, mlflow_run, parser, section, write_json
 
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="aligned model")
     p.add_argument("--profile", required=True)
     p.add_argument("--out", required=True, help="folder for groups.json")
+    p.add_argument("--plot", default=None, help="PNG of the groups per layer")
     args = p.parse_args(argv)
     params = load(args)
     g, t0 = params.group, time.time()
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     with mlflow_run(params, args.params, "group", section(params, "seed", "group")) as run:
         with atomic_dir(args.out) as tmp:
             (tmp / "groups.json").write_text(json.dumps(groups, indent=1))
+        if args.plot:
+            plot = Path(args.plot)
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_groups(groups, plot)
+            run.log_artifact(plot)
         merged = {n: len(v["groups"]) for n, v in groups["layers"].items() if v["merged"]}
         metrics = {
             "merged_layers": len(merged),

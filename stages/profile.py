@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 import sys
 import time
+from pathlib import Path
 
 from pipeline.data import DataError, load_prepared
 from pipeline.modeling import CheckpointError, atomic_dir, load_model, resolve_device
+from pipeline.plots import plot_expert_usage
 from pipeline.profiling import profile_gradients, profile_routing, save_profile
 from stages.common import load, mlflow_run, parser, section, write_json
 
@@ -17,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="folder for profile.safetensors and profile.json")
+    p.add_argument("--plot", default=None, help="PNG heatmap of expert usage")
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
             profile_gradients(model, sample, pad, pp.batch_size, device, profiles)
         with atomic_dir(args.out) as tmp:
             save_profile(profiles, tmp)
+        if args.plot:
+            plot = Path(args.plot)
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_expert_usage({n: p.frequency for n, p in profiles.items()}, plot)
+            run.log_artifact(plot)
         metrics = {"samples": n, "seconds": round(time.time() - t0, 1), "layers": {}}
         for name, prof in profiles.items():
             f = prof.frequency

@@ -1,0 +1,65 @@
+"""Figures of the paper's analyses, drawn from stage outputs (PNG, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # stages run headless
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    return f"{parts[0]}.{parts[2]}" if len(parts) > 2 else name
+
+
+def plot_expert_usage(frequencies: dict[str, torch.Tensor], path: Path) -> None:
+    """Heatmap of usage frequency, SMoE layers x experts (MC-SMoE Figure 3)."""
+    plt = _pyplot()
+    names = list(frequencies)
+    data = torch.stack([frequencies[n].float() for n in names]).numpy()
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * data.shape[1] + 2), 0.6 * len(names) + 1.5))
+    im = ax.imshow(data, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_yticks(range(len(names)), [_short(n) for n in names])
+    ax.set_xticks(range(data.shape[1]))
+    ax.set_xlabel("expert")
+    ax.set_title("Expert usage frequency (profiled tokens)")
+    fig.colorbar(im, ax=ax, label="share of the layer's tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_groups(groups: dict, path: Path) -> None:
+    """Which experts merged into which, per layer: colour = group, box = dominant expert."""
+    plt = _pyplot()
+    layers = groups["layers"]
+    names = list(layers)
+    n_exp = max(max(e for g in v["groups"] for e in g) + 1 for v in layers.values())
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * n_exp + 2), 0.6 * len(names) + 1.5))
+    cmap = plt.get_cmap("tab20")
+    for row, name in enumerate(names):
+        for gi, members in enumerate(layers[name]["groups"]):
+            for e in members:
+                ax.add_patch(plt.Rectangle((e - 0.45, row - 0.4), 0.9, 0.8, color=cmap(gi % 20)))
+                ax.text(e, row, str(gi), ha="center", va="center", fontsize=7)
+            if layers[name]["merged"]:
+                d = members[0]
+                ax.add_patch(plt.Rectangle((d - 0.45, row - 0.4), 0.9, 0.8, fill=False, lw=2, ec="black"))
+    ax.set_xlim(-0.6, n_exp - 0.4)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_yticks(range(len(names)), [_short(n) + ("" if layers[n]["merged"] else " (kept)") for n in names])
+    ax.set_xticks(range(n_exp))
+    ax.set_xlabel("expert (number = its group; black box = dominant expert)")
+    ax.set_title(f"Expert groups ({groups.get('similarity', '')}, {groups.get('ratio', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
