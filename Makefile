@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro mlflow-ui clean
+.PHONY: setup test test-fast lint format repro ablations mlflow-ui clean
 
 setup:
 	python3 -m venv .venv
@@ -20,15 +20,19 @@ test-fast:
 	$(PY) -m pytest tests -q -m "not slow"
 
 lint:
-	$(PY) -m ruff check pipeline stages tests
-	$(PY) -m ruff format --check pipeline stages tests
+	$(PY) -m ruff check pipeline stages scripts tests
+	$(PY) -m ruff format --check pipeline stages scripts tests
 
 format:
-	$(PY) -m ruff check --fix pipeline stages tests
-	$(PY) -m ruff format pipeline stages tests
+	$(PY) -m ruff check --fix pipeline stages scripts tests
+	$(PY) -m ruff format pipeline stages scripts tests
 
 repro:
 	$(PY) -m dvc repro
+
+# Every variant of ablations.yaml x seed as `dvc exp run --temp`; commit code changes first.
+ablations: repro
+	$(PY) -m scripts.ablations
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000

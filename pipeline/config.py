@@ -189,6 +189,8 @@ class MlflowParams(_Section):
 
 class Params(_Section):
     seed: int = 42
+    # Seed of every stage after finetune, so that ablations can vary it over one fine-tuned model.
+    merge_seed: int = 42
     data: DataParams = DataParams()
     model: ModelParams
     runtime: RuntimeParams = RuntimeParams()

@@ -123,7 +123,8 @@ def dominant_budget(
     """Number of dominant experts per merged layer; sums to ``num_experts_avg * len(frequencies)``.
 
     ``adaptive``: the top normalised frequencies over all layers win, so busier layers keep more
-    (ties go to the earlier layer, then the lower expert index). ``uniform``: the same in every layer.
+    (ties go to the earlier layer, then the lower expert index); every layer keeps at least one.
+    ``uniform``: the same in every layer.
     """
     names = list(frequencies)
     sizes = {n: len(frequencies[n]) for n in names}
@@ -141,13 +142,16 @@ def dominant_budget(
         return {n: num_experts_avg for n in names}
     if ratio != "adaptive":
         raise ValueError(f"unknown group.ratio {ratio!r}; valid choices: adaptive, uniform")
+    # Every merged layer keeps its most used expert first: with ties at 1.0 in earlier layers a
+    # purely global ranking could leave a later layer with no expert at all.
+    budget = dict.fromkeys(names, 1)
     entries = []
     for li, n in enumerate(names):
-        for e, v in enumerate(normalised_frequency(frequencies[n]).tolist()):
-            entries.append((-v, li, e))
+        norm = normalised_frequency(frequencies[n]).tolist()
+        top = max(range(len(norm)), key=lambda e: (norm[e], -e))
+        entries.extend((-v, li, e) for e, v in enumerate(norm) if e != top)
     entries.sort()
-    budget = dict.fromkeys(names, 0)
-    for _, li, _ in entries[:total]:
+    for _, li, _ in entries[: total - len(names)]:
         budget[names[li]] += 1
     return budget
 

@@ -46,7 +46,7 @@ def build_model(
     kwargs.setdefault("decoder_start_token_id", pad_id)
     try:
         config = adapter.config_class()(**kwargs)
-    except TypeError as err:
+    except Exception as err:  # transformers raises its own validation errors besides TypeError
         raise ValueError(f"model.config: {err}") from None
     torch.manual_seed(seed)
     model = adapter.model_class()(config)

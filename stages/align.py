@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, CheckpointError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     check = collate(
-        random.Random(params.seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),
+        random.Random(params.merge_seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),
         task.tokenizer.pad_token_id,
     )
     before = _logits(model, check)

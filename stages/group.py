@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             profiles[ly.name].router_logits,
             next(adapter.router(ly).parameters()).detach(),
             [adapter.expert_weights(ly, e) for e in range(n_exp[ly.name])],
-            seed=params.seed + ly.position,
+            seed=params.merge_seed + ly.position,
             feature_mean=profiles[ly.name].feature_mean,
             feature_abs_mean=profiles[ly.name].feature_abs_mean,
             feature_norm=profiles[ly.name].feature_norm,
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         validate_groups(groups, n_exp)
     except ValueError as err:
         sys.exit(f"error: group: {err}")
-    with mlflow_run(params, args.params, "group", section(params, "seed", "group")) as run:
+    with mlflow_run(params, args.params, "group", section(params, "merge_seed", "group")) as run:
         with atomic_dir(args.out) as tmp:
             (tmp / "groups.json").write_text(json.dumps(groups, indent=1))
         if args.plot:

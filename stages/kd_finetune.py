@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {}
     for name, student in students.items():
         t0 = time.time()
-        sections = section(params, "seed", "runtime", "kd", *(COMPRESS_KEYS if name == "mc_smoe" else ()))
+        sections = section(
+            params, "merge_seed", "runtime", "kd", *(COMPRESS_KEYS if name == "mc_smoe" else ())
+        )
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
             if name == "mc_smoe":
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                 settings,
                 device,
                 params.runtime.dtype,
-                seed=params.seed,
+                seed=params.merge_seed,
                 kd=KDSettings(teacher, kd.alpha, kd.temperature),
                 step_hook=pruner,
                 eligible_from=pruner.final_step if pruner else None,
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                     tmp,
                     params=lineage(
                         params,
-                        ("seed", "runtime", "kd") + (COMPRESS_KEYS if name == "mc_smoe" else ()),
+                        ("merge_seed", "runtime", "kd") + (COMPRESS_KEYS if name == "mc_smoe" else ()),
                         args.merged if name == "m_smoe" else args.compressed,
                     ),
                     tokenizer=tok,

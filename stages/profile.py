@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     n = params.profile.num_samples
     if n > len(rows):
         sys.exit(f"error: profile.num_samples={n} exceeds the {len(rows)} training examples")
-    sample = random.Random(params.seed).sample(rows, n)
-    with mlflow_run(params, args.params, "profile", section(params, "seed", "profile", "runtime")) as run:
+    sample = random.Random(params.merge_seed).sample(rows, n)
+    with mlflow_run(
+        params, args.params, "profile", section(params, "merge_seed", "profile", "runtime")
+    ) as run:
         pp, pad = params.profile, task.tokenizer.pad_token_id
         profiles = profile_routing(model, sample, pad, pp.batch_size, device, pp.max_inputs)
         if pp.gradients:

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random-weight Switch models saved and re-loaded, fake tokenized rows."""
+"""Shared fixtures: a tiny random-weight Switch model saved and re-loaded, fake tokenized rows.
+
+Every model a test sees went through ``save_pretrained`` and :func:`pipeline.modeling.load_model`,
+so the tests exercise the same loading path as the stages.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 
 from pipeline.modeling import build_model, load_model
 
+# The offline task files live next to the checkout: <parent of repo>/shared/data.
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = dict(
     d_model=32,
@@ -25,12 +30,30 @@ TINY = dict(
     dropout_rate=0.0,
 )
 VOCAB = 100
+PAD_ID, EOS_ID = 0, 1
+N_EXPERTS = TINY["num_experts"]
+# Class targets of the fake rows: token 5 or 6, then EOS.
+CLASS_TARGETS = [[5, EOS_ID], [6, EOS_ID]]
+
+
+def pytest_configure(config):
+    # The models are tiny: extra intra-op threads only add synchronisation overhead, and when
+    # another process keeps the cores busy they make each small matmul take milliseconds.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The offline GLUE files; tests needing them are skipped when the folder is absent."""
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"offline data folder {DATA_DIR} missing")
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Switch (3 SMoE layers x 8 experts) saved with save_pretrained."""
-    model = build_model("switch_transformers", TINY, VOCAB, 0, 1, router_init_std=0.5, seed=0)
+    """A tiny Switch (3 SMoE layers x 8 experts: 2 encoder, 1 decoder) saved with save_pretrained."""
+    model = build_model("switch_transformers", TINY, VOCAB, PAD_ID, EOS_ID, router_init_std=0.02, seed=0)
     folder = tmp_path_factory.mktemp("tiny_switch")
     model.save_pretrained(str(folder))
     return folder
@@ -43,21 +66,21 @@ def _tiny_loaded(tiny_dir):
 
 @pytest.fixture
 def tiny_model(_tiny_loaded):
-    """A fresh copy of the re-loaded tiny model (tests may mutate it)."""
+    """A fresh deep copy of the re-loaded tiny model (tests may mutate it)."""
     return copy.deepcopy(_tiny_loaded).eval()
 
 
 @pytest.fixture(scope="session")
 def rows() -> list[dict]:
-    """Fake tokenized examples of varying length (so batches carry padding)."""
+    """Fake tokenized examples of varying length (so batches carry padding); sources end with EOS."""
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(48):
         n = 3 + i % 9
         out.append(
             {
-                "input_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist() + [1],
-                "labels": [5 + i % 2, 1],
+                "input_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist() + [EOS_ID],
+                "labels": list(CLASS_TARGETS[i % 2]),
                 "label": i % 2,
             }
         )
@@ -68,10 +91,11 @@ def rows() -> list[dict]:
 def batch(rows):
     from pipeline.data import collate
 
-    return collate(rows[:16], pad_id=0)
+    return collate(rows[:16], pad_id=PAD_ID)
 
 
 def logits(model, batch) -> torch.Tensor:
+    """Teacher-forced decoder logits of ``batch`` (no gradients)."""
     with torch.no_grad():
         return model(
             input_ids=batch["input_ids"],
@@ -80,7 +104,7 @@ def logits(model, batch) -> torch.Tensor:
         ).logits
 
 
-def profiles_for(names, n_experts: int = 8, seed: int = 0) -> dict:
+def profiles_for(names, n_experts: int = N_EXPERTS, seed: int = 0) -> dict:
     """Routing profiles with random usage counts for the given layer names."""
     from pipeline.profiling import LayerProfile
 

@@ -1,17 +1,25 @@
+"""Permutation alignment: weight matching is exact, optimal, and never changes what a model computes."""
+
 import itertools
 
 import pytest
 import torch
 
 from pipeline.adapters import adapter_for
-from pipeline.align import activation_matching_permutation, align_model, weight_matching_permutation
+from pipeline.align import (
+    ALIGNERS,
+    activation_matching_permutation,
+    align_model,
+    weight_matching_permutation,
+)
 from pipeline.registry import UnknownChoiceError
-from tests.conftest import logits
+from tests.conftest import N_EXPERTS, TINY, logits
 
 AXES = {"wi": 0, "wo": 1}
 
 
 def _expert(f: int, h: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random Switch expert: ``wi`` [F, H] and ``wo`` [H, F]."""
     g = torch.Generator().manual_seed(seed)
     return {"wi": torch.randn(f, h, generator=g), "wo": torch.randn(h, f, generator=g)}
 
@@ -21,6 +29,7 @@ def _apply(e, x):
 
 
 def _permute(e, perm):
+    """Neuron i of the result is neuron ``perm[i]`` of ``e``."""
     return {"wi": e["wi"][perm], "wo": e["wo"][:, perm]}
 
 
@@ -29,52 +38,111 @@ def _objective(a, b, perm):
     return float((a["wi"] * p["wi"]).sum() + (a["wo"] * p["wo"]).sum())
 
 
-def test_permuted_expert_computes_same_function():
-    a, b = _expert(16, 8, 0), _expert(16, 8, 1)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_permuted_expert_computes_same_function(seed):
+    a, b = _expert(16, 8, seed), _expert(16, 8, seed + 100)
     perm = weight_matching_permutation(a, b, AXES)
-    x = torch.randn(5, 8)
+    assert perm.dtype == torch.long and sorted(perm.tolist()) == list(range(16))
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed))
     assert torch.allclose(_apply(_permute(b, perm), x), _apply(b, x), atol=1e-5)
-    assert sorted(perm.tolist()) == list(range(16))
 
 
-def test_assignment_is_optimal_against_brute_force():
-    a, b = _expert(4, 3, 2), _expert(4, 3, 3)
+@pytest.mark.parametrize("seed", range(5))
+def test_assignment_is_optimal_against_brute_force(seed):
+    a, b = _expert(4, 3, seed), _expert(4, 3, seed + 50)
     perm = weight_matching_permutation(a, b, AXES)
-    best = max(_objective(a, b, torch.tensor(p)) for p in itertools.permutations(range(4)))
-    assert _objective(a, b, perm) == pytest.approx(best, abs=1e-9)
+    scores = [_objective(a, b, torch.tensor(p)) for p in itertools.permutations(range(4))]
+    assert len(scores) == 24
+    assert _objective(a, b, perm) == pytest.approx(max(scores), abs=1e-9)
 
 
 def test_recovers_a_known_permutation():
     a = _expert(12, 6, 4)
     shuffle = torch.randperm(12, generator=torch.Generator().manual_seed(5))
     b = _permute(a, shuffle)
-    assert torch.equal(_permute(b, weight_matching_permutation(a, b, AXES))["wi"], a["wi"])
+    aligned = _permute(b, weight_matching_permutation(a, b, AXES))
+    assert torch.equal(aligned["wi"], a["wi"])
+    assert torch.equal(aligned["wo"], a["wo"])
+
+
+def test_matching_an_expert_to_itself_is_the_identity():
+    a = _expert(10, 5, 9)
+    assert torch.equal(weight_matching_permutation(a, a, AXES), torch.arange(10))
 
 
 @pytest.mark.parametrize("reference", ["first", "most-used"])
 def test_alignment_leaves_model_outputs_unchanged(tiny_model, batch, reference):
     adapter = adapter_for(tiny_model)
     before = logits(tiny_model, batch)
-    freqs = {ly.name: torch.rand(8) for ly in adapter.sparse_layers(tiny_model)}
+    freqs = {
+        ly.name: torch.rand(N_EXPERTS, generator=torch.Generator().manual_seed(ly.position))
+        for ly in adapter.sparse_layers(tiny_model)
+    }
     report = align_model(tiny_model, adapter, "weight-matching", reference, freqs)
+    assert set(report) == {ly.name for ly in adapter.sparse_layers(tiny_model)}
     assert sum(r["neurons_moved"] for r in report.values()) > 0
     assert torch.allclose(logits(tiny_model, batch), before, atol=1e-5)
+
+
+def test_most_used_reference_is_the_busiest_expert_and_stays_put(tiny_model):
+    adapter = adapter_for(tiny_model)
+    layers = adapter.sparse_layers(tiny_model)
+    freqs = {}
+    for ly in layers:
+        f = torch.full((N_EXPERTS,), 0.1)
+        f[(3 + ly.position) % N_EXPERTS] = 0.9
+        freqs[ly.name] = f
+    refs = {ly.name: adapter.expert_weights(ly, (3 + ly.position) % N_EXPERTS) for ly in layers}
+    refs = {n: {k: v.clone() for k, v in w.items()} for n, w in refs.items()}
+    report = align_model(tiny_model, adapter, "weight-matching", "most-used", freqs)
+    for ly in layers:
+        ref = (3 + ly.position) % N_EXPERTS
+        assert report[ly.name]["reference"] == ref
+        now = adapter.expert_weights(ly, ref)
+        assert all(torch.equal(now[k], refs[ly.name][k]) for k in now)
+
+
+def test_most_used_without_frequencies_is_explained(tiny_model):
+    with pytest.raises(ValueError, match="most-used needs the routing profile"):
+        align_model(tiny_model, adapter_for(tiny_model), "weight-matching", "most-used")
+
+
+def test_aligned_experts_are_closer_to_the_reference(tiny_model):
+    """After matching, each expert's inner product with the reference cannot have decreased."""
+    adapter = adapter_for(tiny_model)
+    layer = adapter.sparse_layers(tiny_model)[1]
+
+    def score(e):
+        ref, w = adapter.expert_weights(layer, 0), adapter.expert_weights(layer, e)
+        return float(sum((ref[k].double() * w[k].double()).sum() for k in ref))
+
+    before = [score(e) for e in range(1, N_EXPERTS)]
+    align_model(tiny_model, adapter, "weight-matching", "first")
+    after = [score(e) for e in range(1, N_EXPERTS)]
+    assert all(a >= b - 1e-9 for a, b in zip(after, before, strict=True))
 
 
 def test_alignment_none_changes_nothing(tiny_model):
     adapter = adapter_for(tiny_model)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    align_model(tiny_model, adapter, "none", "first")
-    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    report = align_model(tiny_model, adapter, "none", "first")
+    assert all(r["neurons_moved"] == 0 for r in report.values())
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_unknown_method_lists_choices(tiny_model):
-    with pytest.raises(UnknownChoiceError, match="valid choices: activation-matching, none, weight-matching"):
+    with pytest.raises(UnknownChoiceError) as err:
         align_model(tiny_model, adapter_for(tiny_model), "git-rebase", "first")
+    msg = str(err.value)
+    assert "'git-rebase'" in msg
+    assert "valid choices: " + ", ".join(ALIGNERS.names()) in msg
+    assert {"weight-matching", "none"} <= set(ALIGNERS.names())
 
 
 def test_activation_matching_recovers_a_known_permutation():
-    x = torch.randn(200, 6)
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(6))
     a = _expert(12, 6, 7)
     shuffle = torch.randperm(12, generator=torch.Generator().manual_seed(8))
     b = _permute(a, shuffle)
@@ -85,7 +153,10 @@ def test_activation_matching_recovers_a_known_permutation():
 def test_activation_matching_leaves_model_outputs_unchanged(tiny_model, batch):
     adapter = adapter_for(tiny_model)
     before = logits(tiny_model, batch)
-    inputs = {ly.name: torch.randn(64, 32) for ly in adapter.sparse_layers(tiny_model)}
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        ly.name: torch.randn(64, TINY["d_model"], generator=g) for ly in adapter.sparse_layers(tiny_model)
+    }
     report = align_model(tiny_model, adapter, "activation-matching", "first", inputs=inputs)
     assert sum(r["neurons_moved"] for r in report.values()) > 0
     assert torch.allclose(logits(tiny_model, batch), before, atol=1e-5)

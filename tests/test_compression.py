@@ -1,3 +1,5 @@
+"""Compression: low-rank + sparse decomposition, the pruning schedule, column pruning, compact storage."""
+
 import pytest
 import torch
 
@@ -13,10 +15,13 @@ from pipeline.compression import (
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, load_model, save_model
 from pipeline.moe import LowRankSparseLinear
-from tests.conftest import logits, profiles_for
+from tests.conftest import TINY, logits, profiles_for
+
+FULL_RANK = min(TINY["d_model"], TINY["d_ff"])
 
 
 def _merged(model):
+    """Merge every SMoE layer but the first into two experts per layer."""
     adapter = adapter_for(model)
     names = [ly.name for ly in adapter.sparse_layers(model)][1:]
     groups = {"layers": {n: {"merged": True, "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]} for n in names}}
@@ -24,62 +29,251 @@ def _merged(model):
     return model, adapter
 
 
-def test_svd_init_reproduces_weight():
-    w = torch.randn(20, 12)
-    m = LowRankSparseLinear.from_weight(w, 4)
+def _backward(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
+
+
+# ---------------------------------------------------------------- LowRankSparseLinear
+
+
+@pytest.mark.parametrize("shape, rank", [((20, 12), 4), ((12, 20), 1), ((16, 16), 16), ((64, 32), 8)])
+def test_svd_init_reproduces_weight(shape, rank):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(rank))
+    m = LowRankSparseLinear.from_weight(w, rank)
+    assert m.u.shape == (shape[0], rank) and m.v.shape == (rank, shape[1])
     assert torch.allclose(m.dense_weight(), w, atol=1e-5)
-    x = torch.randn(3, 12)
+    x = torch.randn(3, shape[1])
     assert torch.allclose(m(x), x @ w.T, atol=1e-5)
 
 
-def test_rank_above_size_rejected():
+def test_low_rank_part_is_the_best_rank_r_approximation():
+    w = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
+    m = LowRankSparseLinear.from_weight(w, 3)
+    sig = torch.linalg.svdvals(w)
+    residual = float(torch.linalg.matrix_norm(w - (m.u @ m.v).detach()))
+    assert residual == pytest.approx(float(sig[3:].square().sum().sqrt()), rel=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 5])
+def test_rank_out_of_range_rejected(rank):
     with pytest.raises(ValueError, match="rank"):
-        LowRankSparseLinear.from_weight(torch.randn(4, 3), 5)
+        LowRankSparseLinear.from_weight(torch.randn(4, 3), rank)
+
+
+def test_compact_form_keeps_exactly_the_unmasked_columns():
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    m = LowRankSparseLinear.from_weight(w, 2)
+    mask = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    with torch.no_grad():
+        m.s_mask.copy_(mask)
+    c = m.to_compact()
+    assert c.compact and c.s.shape == (6, 5)
+    assert c.s_index.tolist() == mask.nonzero().flatten().tolist()
+    assert torch.equal(c.s, m.s[:, mask])
+    assert torch.allclose(c.dense_weight(), m.dense_weight(), atol=1e-6)
+    x = torch.randn(4, 10)
+    assert torch.allclose(c(x), m(x), atol=1e-5)
+
+
+def test_compact_form_with_no_column_left():
+    m = LowRankSparseLinear.from_weight(torch.randn(6, 10), 2)
+    with torch.no_grad():
+        m.s_mask.zero_()
+    c = m.to_compact()
+    x = torch.randn(4, 10)
+    assert c.s.shape == (6, 0)
+    assert torch.allclose(c(x), x @ (m.u @ m.v).T, atol=1e-5)
 
 
 def test_full_rank_without_pruning_reproduces_merged_model(tiny_model, batch):
     model, adapter = _merged(tiny_model)
     before = logits(model, batch)
-    compress_model(model, adapter, rank=32)
-    assert low_rank_sparse_modules(model)
-    assert torch.allclose(logits(model, batch), before, atol=1e-4)
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES.names())
-def test_schedule_bounds_and_monotone(schedule):
-    values = [kept_ratio(s, 100, 0.1, 10, 20, schedule) for s in range(101)]
-    assert all(v == 1.0 for v in values[:10])
-    assert all(v == pytest.approx(0.1) for v in values[80:])
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
-
-
-def test_pruner_keeps_target_and_compact_form_matches(tiny_model, batch, tmp_path):
-    model, adapter = _merged(tiny_model)
-    save_model(model, tmp_path / "merged")
-    compress_model(model, adapter, rank=4)
-    pruner = ColumnPruner(model, target=0.2, warmup_frac=0.0, cooldown_frac=0.0)
-    model.train()
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    out.loss.backward()
-    pruner(9, 10)
-    assert pruner.kept_fraction() <= 0.2 + 1e-9
-    assert pruner.kept_fraction() > 0.2 - 64 / pruner.total_entries  # at most one column short
-    for m in low_rank_sparse_modules(model).values():
-        assert (m.s[:, ~m.s_mask] == 0).all()
-    model.eval()
-    before = logits(model, batch)
-    kept = {n: int(m.s_mask.sum()) for n, m in low_rank_sparse_modules(model).items()}
-    finalize_compact(model)
-    compact = low_rank_sparse_modules(model)
-    assert {n: m.s.shape[1] for n, m in compact.items()} == kept
-    assert all(m.compact for m in compact.values())
+    report = compress_model(model, adapter, rank=FULL_RANK)
+    assert len(report) == 2
+    modules = low_rank_sparse_modules(model)
+    assert len(modules) == 2 * 2 * 2  # layers x experts x (wi, wo)
+    assert all(m.s_mask.all() for m in modules.values())
     assert torch.allclose(logits(model, batch), before, atol=1e-5)
-    save_model(model, tmp_path / "compressed")
-    reloaded = load_model(tmp_path / "compressed")
-    assert torch.allclose(logits(reloaded, batch), before, atol=1e-5)
-    assert bytes_on_disk(tmp_path / "compressed") < bytes_on_disk(tmp_path / "merged")
+
+
+def test_low_rank_plus_dense_residual_reproduces_merged_model(tiny_model, batch):
+    model, adapter = _merged(tiny_model)
+    before = logits(model, batch)
+    compress_model(model, adapter, rank=4)
+    assert torch.allclose(logits(model, batch), before, atol=1e-5)
 
 
 def test_compress_needs_merged_layers(tiny_model):
     with pytest.raises(ValueError, match="no merged SMoE layer"):
         compress_model(tiny_model, adapter_for(tiny_model), 4)
+
+
+def test_pruner_needs_compressed_modules(tiny_model):
+    with pytest.raises(ValueError, match="run compress first"):
+        ColumnPruner(tiny_model, 0.1, 0.0, 0.0)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.names())
+@pytest.mark.parametrize(
+    "total, warmup, cooldown, target", [(100, 10, 20, 0.1), (37, 0, 0, 0.3), (50, 5, 5, 0.05)]
+)
+def test_schedule_bounds_and_monotone(schedule, total, warmup, cooldown, target):
+    values = [kept_ratio(s, total, target, warmup, cooldown, schedule) for s in range(total + 1)]
+    assert all(v == 1.0 for v in values[:warmup])
+    assert all(v == pytest.approx(target) for v in values[total - cooldown :])
+    assert all(target - 1e-12 <= v <= 1.0 for v in values)
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_schedules_are_the_expected_shapes():
+    mid = {name: kept_ratio(50, 100, 0.0, 0, 0, name) for name in SCHEDULES.names()}
+    assert {"cubic", "quadratic", "linear"} <= set(mid)
+    assert mid["cubic"] == pytest.approx(0.125)
+    assert mid["quadratic"] == pytest.approx(0.25)
+    assert mid["linear"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("target", [0.1, 0.35])
+def test_pruner_at_final_step_reaches_target_and_zeroes_masked_columns(tiny_model, batch, target):
+    model, adapter = _merged(tiny_model)
+    compress_model(model, adapter, rank=4)
+    pruner = ColumnPruner(model, target=target, warmup_frac=0.1, cooldown_frac=0.2)
+    model.train()
+    _backward(model, batch)
+    total = 10
+    pruner(pruner.final_step(total) - 1, total)  # the hook call whose next step is the final one
+    assert pruner.last_ratio == pytest.approx(target)
+    modules = list(low_rank_sparse_modules(model).values())
+    widest_column = max(m.out_features for m in modules) / pruner.total_entries
+    assert pruner.kept_fraction() <= target + widest_column
+    assert pruner.kept_fraction() >= target - widest_column
+    for m in modules:
+        assert (m.s[:, ~m.s_mask] == 0).all()
+    assert any(not m.s_mask.all() for m in modules)
+
+
+def test_pruner_does_nothing_during_warmup(tiny_model, batch):
+    model, adapter = _merged(tiny_model)
+    compress_model(model, adapter, rank=4)
+    pruner = ColumnPruner(model, target=0.1, warmup_frac=0.5, cooldown_frac=0.1)
+    model.train()
+    _backward(model, batch)
+    pruner(0, 10)
+    assert pruner.last_ratio == 1.0
+    assert pruner.kept_fraction() == 1.0
+
+
+def test_pruned_columns_stay_pruned(tiny_model, batch):
+    model, adapter = _merged(tiny_model)
+    compress_model(model, adapter, rank=4)
+    pruner = ColumnPruner(model, target=0.2, warmup_frac=0.0, cooldown_frac=0.0)
+    model.train()
+    total, masks = 6, []
+    for step in range(total):
+        _backward(model, batch)
+        pruner(step, total)
+        masks.append([m.s_mask.clone() for m in low_rank_sparse_modules(model).values()])
+    for earlier, later in zip(masks, masks[1:], strict=False):
+        assert all(not (b & ~a).any() for a, b in zip(earlier, later, strict=True))
+    assert pruner.kept_fraction() <= 0.2 + 1e-9
+
+
+def test_prune_compact_save_reload(tiny_model, batch, tmp_path):
+    model, adapter = _merged(tiny_model)
+    save_model(model, tmp_path / "merged")
+    compress_model(model, adapter, rank=4)
+    pruner = ColumnPruner(model, target=0.2, warmup_frac=0.0, cooldown_frac=0.0)
+    model.train()
+    _backward(model, batch)
+    pruner(9, 10)
+    model.eval()
+    before = logits(model, batch)
+    masked = {n: m.s_mask.clone() for n, m in low_rank_sparse_modules(model).items()}
+    dense_s = {n: m.s.detach().clone() for n, m in low_rank_sparse_modules(model).items()}
+    ratios = finalize_compact(model)
+    compact = low_rank_sparse_modules(model)
+    assert compact.keys() == masked.keys() == ratios.keys()
+    assert sum(ratios.values()) / len(ratios) < 1  # rank 4 + 20% of S is smaller than dense
+    for n, m in compact.items():
+        assert m.compact
+        assert m.s_index.tolist() == masked[n].nonzero().flatten().tolist()
+        assert torch.equal(m.s, dense_s[n][:, masked[n]])
+        assert ratios[n] == pytest.approx(
+            (m.u.numel() + m.v.numel() + m.s.numel()) / (m.in_features * m.out_features)
+        )
+    assert torch.allclose(logits(model, batch), before, atol=1e-5)
+
+    save_model(model, tmp_path / "compressed")
+    reloaded = load_model(tmp_path / "compressed")
+    assert all(m.compact for m in low_rank_sparse_modules(reloaded).values())
+    assert torch.allclose(logits(reloaded, batch), before, atol=1e-6)
+    assert bytes_on_disk(tmp_path / "compressed") < bytes_on_disk(tmp_path / "merged")
+
+
+def test_masked_but_not_compacted_model_reloads(tiny_model, batch, tmp_path):
+    model, adapter = _merged(tiny_model)
+    compress_model(model, adapter, rank=4)
+    pruner = ColumnPruner(model, target=0.3, warmup_frac=0.0, cooldown_frac=0.0)
+    _backward(model, batch)
+    pruner(9, 10)
+    model.eval()
+    save_model(model, tmp_path / "masked")
+    reloaded = load_model(tmp_path / "masked")
+    for n, m in low_rank_sparse_modules(reloaded).items():
+        assert not m.compact
+        assert torch.equal(m.s_mask, low_rank_sparse_modules(model)[n].s_mask)
+    assert torch.allclose(logits(reloaded, batch), logits(model, batch), atol=1e-6)
+
+
+def test_kd_training_with_pruning_keeps_only_models_at_target(tiny_model, rows):
+    """The kd_finetune recipe: KD from the full model, pruning as a step hook, best model eligible
+    only once the target sparsity holds."""
+    import copy
+
+    from pipeline.training import KDSettings, TrainSettings, train
+
+    teacher = copy.deepcopy(tiny_model)
+    model, adapter = _merged(tiny_model)
+    compress_model(model, adapter, rank=4)
+    pruner = ColumnPruner(model, target=0.25, warmup_frac=0.1, cooldown_frac=0.25)
+    settings = TrainSettings(
+        epochs=4,
+        batch_size=16,
+        eval_batch_size=48,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        router_z_loss_coef=1e-3,
+        router_aux_loss_coef=1e-3,
+        eval_every_epochs=1.0,
+    )
+    summary = train(
+        model,
+        rows,
+        rows,
+        [[5, 1], [6, 1]],
+        0,
+        settings,
+        torch.device("cpu"),
+        kd=KDSettings(teacher, alpha=0.5, temperature=2.0),
+        step_hook=pruner,
+        eligible_from=pruner.final_step,
+        progress=False,
+    )
+    assert summary["total_steps"] == 12
+    assert pruner.final_step(12) == 9
+    assert summary["best_step"] >= 9
+    modules = list(low_rank_sparse_modules(model).values())
+    slack = max(m.out_features for m in modules) / pruner.total_entries
+    assert pruner.kept_fraction() <= 0.25 + slack
+    for m in modules:
+        assert (m.sparse_weight()[:, ~m.s_mask] == 0).all()

@@ -70,13 +70,14 @@ def tiny_params() -> dict:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("repo")
-    for item in ("pipeline", "stages", "dvc.yaml", ".dvc", ".dvcignore"):
+    for item in ("pipeline", "stages", "scripts", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy2(src, dst / item)
     (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    (dst / "README.md").write_text("# tiny\n<!-- ablations:start -->\n<!-- ablations:end -->\n")
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     return dst
 
@@ -117,3 +118,85 @@ def test_repro_then_partial_rerun(repo: Path) -> None:
         yaml.safe_load((repo / "models" / "merged" / "params.yaml").read_text())["merge"]["strategy"]
         == "uniform"
     )
+
+
+# Every registered choice of issue 3's ablations, packed into as few pipelines as the similarities
+# allow (one similarity per pipeline); the reference recipe ran in the test above.
+ALL_CHOICES = {
+    "a": {
+        "group.similarity": "router-weight",
+        "merge.strategy": "uniform",
+        "group.ratio": "uniform",
+        "align.method": "none",
+        "compress.schedule": "linear",
+    },
+    "b": {
+        "group.similarity": "expert-weight",
+        "align.method": "activation-matching",
+        "align.reference": "most-used",
+        "group.layers": "encoder",
+        "kd.alpha": 0.0,
+    },
+    "c": {
+        "group.similarity": "expert-weight-feature",
+        "group.layers": "decoder",
+        "group.skip_first_layer": False,
+        "compress.schedule": "quadratic",
+    },
+    "d": {"group.similarity": "expert-gradient", "merge.strategy": "fisher", "profile.gradients": True},
+    "e": {"group.similarity": "expert-feature"},
+    "f": {"group.similarity": "expert-feature-abs"},
+    "g": {"group.similarity": "random"},
+}
+
+
+def _git(repo: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+    subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path) -> None:
+    # Experiments start from the last commit, so commit an up-to-date pipeline first (a no-op
+    # repro after the test above).
+    _dvc(repo, "repro")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline")
+    spec = {
+        "seeds": [5],
+        "common": {"kd.train.epochs": 0.25, "evaluate.speed_batches": 1},
+        "variants": [{"name": k, "study": "choices", "set": v} for k, v in ALL_CHOICES.items()],
+    }
+    (repo / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {
+        **os.environ,
+        "SMOE_DATA_DIR": str(DATA),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [sys.executable, "-m", "scripts.ablations", "--spec", "spec.yaml", "--out", "metrics/abl.json"]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    result = json.loads((repo / "metrics" / "abl.json").read_text())
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert set(runs) == set(ALL_CHOICES)
+    for name, run in runs.items():
+        assert set(run["accuracy"]) == {"full", "merged", "m_smoe", "mc_smoe"}, name
+        assert run["overrides"]["merge_seed"] == 5 and run["overrides"]["kd.train.epochs"] == 0.25
+        assert result["summary"][name]["m_smoe"]["n"] == 1
+    # The layer choices reached the group stage. The tiny model has SMoE layers encoder 1 and 3 and
+    # decoder 1; encoder 1 is skipped by default, and is not a decoder layer when the skip is off.
+    assert runs["b"]["metrics"]["group"]["merged_layers"] == 1
+    assert runs["c"]["metrics"]["group"]["merged_layers"] == 1
+    assert runs["a"]["metrics"]["group"]["merged_layers"] == 2
+    # Each run's stages logged to the repository's MLflow store, under the experiment's name.
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        ids = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'pipeline_id'").fetchall()}
+    assert {f"abl-{k}-s5" for k in ALL_CHOICES} <= ids
+    readme = (repo / "README.md").read_text()
+    assert all(f"| choices | {k} |" in readme for k in ALL_CHOICES)
+
+    # A second call finds every result and runs nothing.
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "0 runs to do (7 reused)" in res.stdout

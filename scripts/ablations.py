@@ -1,0 +1,192 @@
+"""Run the ablation study: every variant x seed of ablations.yaml as one `dvc exp run --temp`.
+
+Each run is a named DVC experiment (`abl-<variant>-s<seed>`, kept for `dvc exp show`) whose stages
+log to the repository's MLflow store. Results go to metrics/ablations.json after every run, so an
+interrupted study resumes where it stopped; the README table is rewritten at the end.
+
+    python -m scripts.ablations                        # the whole study (make ablations)
+    python -m scripts.ablations --variants default sim-random --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.ablations import AblationSpec, check_spec, load_spec, markdown_table, replace_block, summarise
+from pipeline.config import ParamsError
+
+METRIC_FILES = ("evaluate", "kd_finetune", "group", "align")
+
+
+def _cli() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", default="ablations.yaml")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="metrics/ablations.json")
+    p.add_argument(
+        "--readme", default="README.md", help="file with <!-- ablations:start/end --> markers; '' to skip"
+    )
+    p.add_argument("--variants", nargs="*", help="run only these variants (default: all)")
+    p.add_argument("--seeds", nargs="*", type=int, help="run only these seeds (default: the spec's)")
+    p.add_argument("--rerun", action="store_true", help="run again even where a result exists")
+    p.add_argument("--dry-run", action="store_true", help="print the dvc commands and stop")
+    p.add_argument(
+        "--report", action="store_true", help="only rewrite the summary and table from earlier results"
+    )
+    return p.parse_args()
+
+
+def _run(cmd: list[str], env: dict[str, str], log) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log.write(f"$ {' '.join(cmd)}\n{res.stdout}\n")
+    log.flush()
+    return res
+
+
+def _exp_ref(name: str) -> str | None:
+    """The git ref DVC stored experiment ``name`` under, for the current baseline commit."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", f"refs/exps/{head[:2]}/{head[2:]}/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
+
+
+def _metrics(ref: str) -> dict[str, dict]:
+    out = {}
+    for stage in METRIC_FILES:
+        res = subprocess.run(["git", "show", f"{ref}:metrics/{stage}.json"], capture_output=True, text=True)
+        if res.returncode == 0:
+            out[stage] = json.loads(res.stdout)
+    return out
+
+
+def _env(params: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    # Stages run in a temporary copy of the repo: anchor the data folder and the MLflow store here.
+    data_dir = (params.get("data") or {}).get("data_dir")
+    if data_dir and "SMOE_DATA_DIR" not in env:
+        env["SMOE_DATA_DIR"] = str(Path(data_dir).resolve())
+    uri = env.get("MLFLOW_TRACKING_URI") or (params.get("mlflow") or {}).get("tracking_uri", "")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        env["MLFLOW_TRACKING_URI"] = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _write(out: Path, spec: AblationSpec, runs: list[dict]) -> dict:
+    result = {
+        "seed_key": spec.seed_key,
+        "seeds": spec.seeds,
+        "common": spec.common,
+        "runs": runs,
+        "summary": summarise(spec, runs),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    return result
+
+
+def main() -> None:
+    args = _cli()
+    try:
+        spec = load_spec(args.spec)
+        params = yaml.safe_load(Path(args.params).read_text())
+        check_spec(spec, params)
+        variants = [spec.variant(n) for n in args.variants] if args.variants else spec.variants
+    except (OSError, ValueError, ParamsError) as err:
+        sys.exit(f"error: {err}")
+    if args.readme and "<!-- ablations:start -->" not in Path(args.readme).read_text():
+        sys.exit(f"error: {args.readme} has no <!-- ablations:start --> ... <!-- ablations:end --> markers")
+    seeds = args.seeds or spec.seeds
+    unknown = sorted(set(seeds) - set(spec.seeds))
+    if unknown:
+        sys.exit(f"error: seeds {unknown} are not in {args.spec} (seeds: {spec.seeds})")
+
+    out = Path(args.out)
+    previous = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
+    # A result is reused only if it was made with exactly the overrides this spec now asks for.
+    names = {v.name for v in spec.variants}
+    runs = [
+        r
+        for r in previous
+        if not args.rerun
+        and r["variant"] in names
+        and r["overrides"] == spec.overrides(spec.variant(r["variant"]), r["seed"])
+    ]
+    env = _env(params)
+    log_path = out.with_suffix(".log")
+    todo = [
+        (s, v)
+        for s in seeds
+        for v in variants
+        if not args.report and not any(r["variant"] == v.name and r["seed"] == s for r in runs)
+    ]
+    print(f"{len(todo)} runs to do ({len(runs)} reused); log: {log_path}", flush=True)
+
+    with open(log_path, "a") as log:
+        for i, (seed, variant) in enumerate(todo, 1):
+            name = f"abl-{variant.name}-s{seed}"
+            overrides = spec.overrides(variant, seed)
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name]
+            for key, value in overrides.items():
+                cmd += ["-S", f"{key}={json.dumps(value)}"]
+            if args.dry_run:
+                print(" ".join(cmd))
+                continue
+            if _exp_ref(name):
+                _run([sys.executable, "-m", "dvc", "exp", "remove", name], env, log)
+            start = time.time()
+            res = _run(cmd, {**env, "SMOE_PIPELINE_ID": name}, log)
+            ref = _exp_ref(name) if res.returncode == 0 else None
+            if ref is None:
+                sys.exit(f"error: experiment {name} failed (exit {res.returncode}); see {log_path}")
+            metrics = _metrics(ref)
+            evaluation = metrics.get("evaluate", {})
+            runs.append(
+                {
+                    "variant": variant.name,
+                    "seed": seed,
+                    "overrides": overrides,
+                    "experiment": name,
+                    "seconds": round(time.time() - start, 1),
+                    "accuracy": {k: v["accuracy"] for k, v in evaluation.items()},
+                    "expert_params": {k: v["expert_params"] for k, v in evaluation.items()},
+                    "metrics": metrics,
+                }
+            )
+            _write(out, spec, runs)
+            acc = runs[-1]["accuracy"]
+            print(
+                f"[{i}/{len(todo)}] {name}: merged={acc.get('merged', float('nan')):.4f} "
+                f"m_smoe={acc.get('m_smoe', float('nan')):.4f} ({runs[-1]['seconds']:.0f} s)",
+                flush=True,
+            )
+    if args.dry_run:
+        return
+    result = _write(out, spec, runs)
+    table = markdown_table(spec, result["summary"])
+    print(table)
+    if args.readme:
+        readme = Path(args.readme)
+        readme.write_text(replace_block(readme.read_text(), table, "ablations"))
+
+
+if __name__ == "__main__":
+    main()
