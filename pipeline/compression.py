@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.adapters import MoEAdapter, set_submodule
+from pipeline.adapters import MoEAdapter, SparseLayer, set_submodule
 from pipeline.moe import LowRankSparseLinear
 from pipeline.registry import Registry
 
@@ -33,17 +33,47 @@ def kept_ratio(
     return target + (1.0 - target) * fn(progress)
 
 
+def _is_merged(layer: SparseLayer) -> bool:
+    return hasattr(layer.module, "expert_map")
+
+
+# scope(layer) -> whether the layer's experts are compressed.
+SCOPES: Registry[Callable[[SparseLayer], bool]] = Registry("compression scope")
+# The paper's MC-SMoE: only the layers that were merged (its 381M of 2.0B parameters for switch-base-32
+# leave the first SMoE layer's experts whole).
+SCOPES.register("merged")(_is_merged)
+# Every SMoE layer, including one kept unmerged (group.skip_first_layer); C-SMoE uses this on the
+# unmerged model.
+SCOPES.register("all")(lambda layer: True)
+
+
 @torch.no_grad()
-def compress_model(model: nn.Module, adapter: MoEAdapter, rank: int) -> dict:
-    """Decompose every expert of every merged layer into low rank + (still dense) sparse part."""
+def as_identity_merged(model: nn.Module, adapter: MoEAdapter, layer: SparseLayer) -> None:
+    """Rebuild an unmerged SMoE layer as a merged one where every expert is its own group.
+
+    Routing is unchanged (expert e -> group e), so the layer computes the same function, but its
+    experts now sit in the project's expert modules, which can hold low-rank + sparse projections.
+    """
+    n = adapter.num_experts(layer)
+    weights = [{k: v.clone() for k, v in adapter.expert_weights(layer, e).items()} for e in range(n)]
+    adapter.replace_with_merged(model, layer, list(range(n)), weights)
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, adapter: MoEAdapter, rank: int, scope: str = "merged") -> dict:
+    """Decompose every expert of the layers in ``scope`` into low rank + (still dense) sparse part."""
+    in_scope = SCOPES.get(scope)
     report = {}
     for layer in adapter.sparse_layers(model):
-        if not hasattr(layer.module, "expert_map"):
+        if not in_scope(layer):
             continue
+        was_merged = _is_merged(layer)
+        if not was_merged:
+            as_identity_merged(model, adapter, layer)
         adapter.compress_layer(layer, rank)
-        report[layer.name] = {"experts": adapter.num_experts(layer), "rank": rank}
+        report[layer.name] = {"experts": adapter.num_experts(layer), "rank": rank, "merged": was_merged}
     if not report:
-        raise ValueError("no merged SMoE layer to compress; run merge first")
+        raise ValueError(f"no SMoE layer in compression scope {scope!r}; with 'merged', run merge first")
     return report
 
 

@@ -145,6 +145,8 @@ class MergeParams(_Section):
 
 class CompressParams(_Section):
     rank: int = Field(32, ge=1)
+    # Which SMoE layers of the merged model are compressed: merged (the paper) | all.
+    scope: str = "merged"
     sparse_ratio: float = Field(0.1, gt=0, le=1)
     schedule: str = "cubic"
     # Fractions of the KD steps before pruning starts and after it reaches the target.
@@ -159,6 +161,14 @@ class CompressParams(_Section):
         from pipeline.compression import SCHEDULES
 
         SCHEDULES.get(v)
+        return v
+
+    @field_validator("scope")
+    @classmethod
+    def _known_scope(cls, v: str) -> str:
+        from pipeline.compression import SCOPES
+
+        SCOPES.get(v)
         return v
 
     @model_validator(mode="after")

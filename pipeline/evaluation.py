@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.adapters import adapter_for
@@ -24,6 +26,78 @@ def expert_stats(model: nn.Module) -> dict[str, int]:
         n_experts += len(experts)
         n_params += sum(count_unique_params(e) for e in experts)
     return {"experts_total": n_experts, "expert_params": n_params}
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers occupy in memory, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of tensors created inside it that are still alive, and their peak.
+
+    CPU tensors have no allocator statistics like CUDA's, so every op output's storage is counted
+    when first seen and released when the last tensor viewing it is garbage collected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+
+    def _release(self, ptr: int) -> None:
+        self._refs[ptr] -= 1
+        if self._refs[ptr] == 0:
+            self.live -= self._sizes.pop(ptr)
+            del self._refs[ptr]
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0:
+            return
+        if ptr not in self._refs:
+            self._refs[ptr] = 0
+            self._sizes[ptr] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._refs[ptr] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t)
+        return out
+
+
+@torch.no_grad()
+def peak_forward_memory(
+    model: nn.Module, batch: dict, class_targets: list[list[int]], device: torch.device
+) -> dict:
+    """Peak memory of one scoring forward: the model's own bytes plus the activations alive at once."""
+    weights = model_memory_bytes(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        score_classes(model, batch, class_targets)
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated(device) - base
+    else:
+        tracker = _LiveTensorBytes()
+        with tracker:
+            score_classes(model, batch, class_targets)
+        activations = tracker.peak
+    return {"model_memory_bytes": weights, "peak_forward_bytes": weights + activations}
 
 
 @torch.no_grad()
@@ -57,10 +131,15 @@ def speed_and_flops(
         counter = FlopCounterMode(display=False)
         with counter:
             score_classes(model, data[0], class_targets)
+        memory = peak_forward_memory(model, data[0], class_targets, device)
+    samples = sum(int(b["input_ids"].shape[0]) for b in timed)
     return {
         "tokens_per_s": tokens / elapsed,
+        "samples_per_s": samples / elapsed,
         "latency_ms_per_batch": 1000 * elapsed / len(timed),
+        "batch_size": int(data[0]["input_ids"].shape[0]),
         "gflops_per_sample": counter.get_total_flops() / 1e9 / data[0]["input_ids"].shape[0],
+        **memory,
     }
 
 

@@ -63,3 +63,53 @@ def plot_groups(groups: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_stable_rank_change(change: dict[str, dict], path: Path) -> None:
+    """Per merged layer, mean relative change of the dominant experts' stable rank (MC-SMoE Figure 4)."""
+    plt = _pyplot()
+    names = list(change)
+    values = [100 * change[n]["mean_change_ratio"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.8))
+    ax.bar(range(len(names)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), [_short(n) for n in names])
+    ax.set_ylabel("stable rank change (%)")
+    ax.set_title("Dominant experts' stable rank: change by merging")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_remaining_params(ratios: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Heatmaps, one per compressed variant: share of each expert's parameters kept (MC-SMoE Figure 5)."""
+    plt = _pyplot()
+    variants = list(ratios)
+    n_exp = max(len(r) for v in variants for r in ratios[v].values())
+    n_rows = max(len(ratios[v]) for v in variants)
+    fig, axes = plt.subplots(
+        len(variants),
+        1,
+        figsize=(max(6, 0.45 * n_exp + 2), (0.6 * n_rows + 1.2) * len(variants)),
+        squeeze=False,
+    )
+    for ax, v in zip(axes[:, 0], variants, strict=True):
+        names = list(ratios[v])
+        data = torch.full((len(names), n_exp), float("nan"))
+        for i, n in enumerate(names):
+            data[i, : len(ratios[v][n])] = torch.tensor(ratios[v][n])
+        im = ax.imshow(data.numpy(), cmap="magma", aspect="auto", vmin=0, vmax=1)
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                if not torch.isnan(data[i, j]):
+                    ax.text(
+                        j, i, f"{100 * data[i, j]:.0f}", ha="center", va="center", fontsize=6, color="grey"
+                    )
+        ax.set_yticks(range(len(names)), [_short(n) for n in names])
+        ax.set_xticks(range(n_exp))
+        ax.set_xlabel("expert")
+        ax.set_title(f"{v}: remaining parameters per expert (%)")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

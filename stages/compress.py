@@ -1,4 +1,8 @@
-"""Stage compress: each merged expert matrix becomes U V (rank r truncated SVD) + S (prunable residual)."""
+"""Stage compress: expert matrices become U V (rank r truncated SVD) + S (prunable residual).
+
+Two models: MC-SMoE's, from the merged model (the layers in ``compress.scope``), and C-SMoE's, from
+the full model without merging (every expert; paper Table 7). Both are pruned during kd_finetune.
+"""
 
 from __future__ import annotations
 
@@ -15,46 +19,57 @@ from stages.common import lineage, load, mlflow_run, parser, section, write_json
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--model", required=True, help="merged model")
-    p.add_argument("--out", required=True)
+    p.add_argument("--full", required=True, help="full (unmerged) model, compressed as C-SMoE")
+    p.add_argument("--out", required=True, help="compressed merged model (MC-SMoE before KD)")
+    p.add_argument("--out-c", required=True, help="compressed full model (C-SMoE before KD)")
     args = p.parse_args(argv)
     params = load(args)
-    t0 = time.time()
+    c = params.compress
     try:
-        model = load_model(args.model)
-        adapter = adapter_for(model)
+        models = {"mc_smoe": load_model(args.model), "c_smoe": load_model(args.full)}
+        adapter = adapter_for(models["mc_smoe"])
         # Rank must be below every expert matrix dimension, else U V alone is the full matrix.
         dims = [
             min(w.shape)
-            for ly in adapter.sparse_layers(model)
+            for ly in adapter.sparse_layers(models["mc_smoe"])
             for w in adapter.expert_weights(ly, 0).values()
         ]
-        if params.compress.rank >= min(dims):
+        if c.rank >= min(dims):
             raise ValueError(
-                f"compress.rank={params.compress.rank} must be below the smallest expert matrix dimension {min(dims)}"
+                f"compress.rank={c.rank} must be below the smallest expert matrix dimension {min(dims)}"
             )
     except (CheckpointError, ValueError) as err:
         sys.exit(f"error: {err}")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    sources = {"mc_smoe": args.model, "c_smoe": args.full}
+    outs = {"mc_smoe": args.out, "c_smoe": args.out_c}
+    scopes = {"mc_smoe": c.scope, "c_smoe": "all"}
+    lineage_keys = {"mc_smoe": ("compress.rank", "compress.scope"), "c_smoe": ("compress.rank",)}
+    metrics = {}
     with mlflow_run(params, args.params, "compress", section(params, "compress")) as run:
-        before = expert_stats(model)["expert_params"]
-        try:
-            compress_model(model, adapter, params.compress.rank)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
-        with atomic_dir(args.out) as tmp:
-            save_model(
-                model, tmp, params=lineage(params, ("compress.rank",), args.model), tokenizer=tokenizer
-            )
-        stats = expert_stats(model)
-        metrics = {
-            **stats,
-            "expert_params_before": before,
-            "params_total": count_unique_params(model),
-            "seconds": round(time.time() - t0, 2),
-        }
-        run.log_metrics(metrics)
+        for name, model in models.items():
+            t0 = time.time()
+            before = expert_stats(model)["expert_params"]
+            try:
+                report = compress_model(model, adapter, c.rank, scopes[name])
+            except ValueError as err:
+                sys.exit(f"error: {err}")
+            with atomic_dir(outs[name]) as tmp:
+                save_model(
+                    model,
+                    tmp,
+                    params=lineage(params, lineage_keys[name], sources[name]),
+                    tokenizer=AutoTokenizer.from_pretrained(sources[name]),
+                )
+            metrics[name] = {
+                **expert_stats(model),
+                "expert_params_before": before,
+                "params_total": count_unique_params(model),
+                "layers_compressed": len(report),
+                "seconds": round(time.time() - t0, 2),
+            }
+            run.log_metrics(metrics[name], prefix=f"{name}.")
         write_json(metrics, args.metrics)
 
 

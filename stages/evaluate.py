@@ -1,4 +1,4 @@
-"""Stage evaluate: full, merged, M-SMoE and MC-SMoE side by side on the dev split, in one run."""
+"""Stage evaluate: full, merged, M-SMoE, MC-SMoE and C-SMoE side by side on the dev split, in one run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.evaluation import evaluate_variant
 from pipeline.modeling import CheckpointError, load_model, resolve_device
 from stages.common import load, mlflow_run, parser, section, write_json
 
-VARIANTS = ("full", "merged", "m_smoe", "mc_smoe")
+VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
 
 
 def main(argv: list[str] | None = None) -> None:

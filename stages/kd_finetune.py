@@ -1,14 +1,18 @@
-"""Stage kd_finetune: recover M-SMoE and MC-SMoE with task loss + KD from the full SMoE.
+"""Stage kd_finetune: recover M-SMoE, MC-SMoE and C-SMoE with task loss + KD from the full SMoE.
 
-For MC-SMoE the sparse parts S are pruned column-wise during training on the configured schedule,
-then stored compactly.
+For the compressed students (MC-SMoE, C-SMoE) the sparse parts S are pruned column-wise during
+training on the configured schedule, then stored compactly; the share of each expert's parameters
+that remains is plotted (paper Figure 5).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
+from pipeline.adapters import adapter_for
+from pipeline.analysis import remaining_param_ratios
 from pipeline.compression import ColumnPruner, finalize_compact
 from pipeline.data import DataError, load_prepared
 from pipeline.evaluation import expert_stats
@@ -20,6 +24,7 @@ from pipeline.modeling import (
     resolve_device,
     save_model,
 )
+from pipeline.plots import plot_remaining_params
 from pipeline.training import KDSettings, TrainSettings, train
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
@@ -41,28 +46,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merged", required=True)
     p.add_argument("--compressed", required=True)
     p.add_argument("--out-m-smoe", required=True)
+    p.add_argument("--compressed-full", required=True, help="compressed unmerged model (C-SMoE)")
     p.add_argument("--out-mc-smoe", required=True)
+    p.add_argument("--out-c-smoe", required=True)
+    p.add_argument("--plot", default=None, help="PNG heatmap of remaining parameters per expert")
     args = p.parse_args(argv)
     params = load(args)
     try:
         task = load_prepared(args.data)
         teacher = load_model(args.teacher)
-        students = {"m_smoe": load_model(args.merged), "mc_smoe": load_model(args.compressed)}
+        sources = {"m_smoe": args.merged, "mc_smoe": args.compressed, "c_smoe": args.compressed_full}
+        students = {name: load_model(folder) for name, folder in sources.items()}
         device = resolve_device(params.runtime.device)
     except (DataError, CheckpointError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     tok, kd, c = task.tokenizer, params.kd, params.compress
     settings = TrainSettings(**kd.train.model_dump())
-    outs = {"m_smoe": args.out_m_smoe, "mc_smoe": args.out_mc_smoe}
-    metrics = {}
+    outs = {"m_smoe": args.out_m_smoe, "mc_smoe": args.out_mc_smoe, "c_smoe": args.out_c_smoe}
+    metrics, remaining = {}, {}
     for name, student in students.items():
         t0 = time.time()
-        sections = section(
-            params, "merge_seed", "runtime", "kd", *(COMPRESS_KEYS if name == "mc_smoe" else ())
-        )
+        compressed = name != "m_smoe"
+        sections = section(params, "merge_seed", "runtime", "kd", *(COMPRESS_KEYS if compressed else ()))
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
-            if name == "mc_smoe":
+            if compressed:
                 pruner = ColumnPruner(
                     student, c.sparse_ratio, c.warmup_frac, c.cooldown_frac, c.schedule, c.beta1, c.beta2
                 )
@@ -90,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
                 m["s_kept_fraction"] = round(pruner.kept_fraction(), 4)
                 ratios = finalize_compact(student)
                 m["mean_remaining_param_ratio"] = round(sum(ratios.values()) / len(ratios), 4)
+                remaining[name] = remaining_param_ratios(student, adapter_for(student))
+                m["remaining_param_ratio"] = {
+                    layer: round(sum(r) / len(r), 4) for layer, r in remaining[name].items()
+                }
             student.cpu()
             with atomic_dir(outs[name]) as tmp:
                 save_model(
@@ -97,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                     tmp,
                     params=lineage(
                         params,
-                        ("merge_seed", "runtime", "kd") + (COMPRESS_KEYS if name == "mc_smoe" else ()),
-                        args.merged if name == "m_smoe" else args.compressed,
+                        ("merge_seed", "runtime", "kd") + (COMPRESS_KEYS if compressed else ()),
+                        sources[name],
                     ),
                     tokenizer=tok,
                 )
@@ -107,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
             m["seconds"] = round(time.time() - t0, 1)
             run.log_metrics(m)
             metrics[name] = m
+    if args.plot:
+        plot = Path(args.plot)
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_remaining_params(remaining, plot)
+        with mlflow_run(params, args.params, "kd_finetune", {}, run_name="kd_finetune/plots") as run:
+            run.log_artifact(plot)
     write_json(metrics, args.metrics)
 
 

@@ -1,4 +1,7 @@
-"""Stage merge: each group of (aligned) experts becomes one expert, weighted by usage frequency."""
+"""Stage merge: each group of (aligned) experts becomes one expert, weighted by usage frequency.
+
+Also measures the stable rank of each dominant expert before and after merging (paper Figure 4).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import time
 from pathlib import Path
 
 from pipeline.adapters import adapter_for
+from pipeline.analysis import dominant_experts, expert_stable_ranks, stable_rank_change
 from pipeline.evaluation import expert_stats
 from pipeline.grouping import validate_groups
 from pipeline.merging import merge_model
 from pipeline.modeling import CheckpointError, atomic_dir, count_unique_params, load_model, save_model
+from pipeline.plots import plot_stable_rank_change
 from pipeline.profiling import load_profile
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
@@ -22,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", required=True)
     p.add_argument("--groups", required=True, help="groups.json from the group stage")
     p.add_argument("--out", required=True)
+    p.add_argument("--plot", default=None, help="PNG of the stable-rank change per merged layer")
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
@@ -37,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with mlflow_run(params, args.params, "merge", section(params, "merge")) as run:
+        dominant = dominant_experts(groups)
+        before = expert_stable_ranks(model, adapter, dominant)
         report = merge_model(model, adapter, groups, profiles, params.merge.strategy)
+        # After merging, group g of a layer is its expert g, and groups list their dominant first.
+        after = expert_stable_ranks(model, adapter, {n: list(range(len(d))) for n, d in dominant.items()})
+        change = stable_rank_change(before, after)
         with atomic_dir(args.out) as tmp:
             save_model(
                 model,
@@ -50,7 +61,13 @@ def main(argv: list[str] | None = None) -> None:
             **expert_stats(model),
             "params_total": count_unique_params(model),
             "seconds": round(time.time() - t0, 2),
+            "stable_rank": {n: {k: round(v, 4) for k, v in c.items()} for n, c in change.items()},
         }
+        if args.plot:
+            plot = Path(args.plot)
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_stable_rank_change(change, plot)
+            run.log_artifact(plot)
         run.log_metrics(metrics)
         write_json(metrics, args.metrics)
 

@@ -106,8 +106,48 @@ def test_low_rank_plus_dense_residual_reproduces_merged_model(tiny_model, batch)
 
 
 def test_compress_needs_merged_layers(tiny_model):
-    with pytest.raises(ValueError, match="no merged SMoE layer"):
+    with pytest.raises(ValueError, match="no SMoE layer in compression scope 'merged'"):
         compress_model(tiny_model, adapter_for(tiny_model), 4)
+
+
+def test_unknown_scope_lists_valid_ones(tiny_model):
+    with pytest.raises(ValueError, match="unknown compression scope 'some'.*all.*merged"):
+        compress_model(tiny_model, adapter_for(tiny_model), 4, scope="some")
+
+
+def test_scope_all_compresses_the_unmerged_first_layer_too(tiny_model, batch):
+    model, adapter = _merged(tiny_model)
+    before = logits(model, batch)
+    report = compress_model(model, adapter, rank=FULL_RANK, scope="all")
+    assert [r["merged"] for r in report.values()] == [False, True, True]
+    # 8 experts in the kept layer + 2 x 2 merged ones, each with wi and wo.
+    assert len(low_rank_sparse_modules(model)) == 2 * (8 + 2 * 2)
+    assert torch.allclose(logits(model, batch), before, atol=1e-5)
+
+
+def test_c_smoe_full_rank_without_pruning_reproduces_the_full_model(tiny_model, batch):
+    """C-SMoE: every expert of the unmerged model compressed; routing stays exactly the same."""
+    before = logits(tiny_model, batch)
+    report = compress_model(tiny_model, adapter_for(tiny_model), rank=FULL_RANK, scope="all")
+    assert len(report) == 3 and not any(r["merged"] for r in report.values())
+    assert torch.allclose(logits(tiny_model, batch), before, atol=1e-5)
+
+
+def test_c_smoe_pruned_compact_model_reloads_smaller(tiny_model, batch, tmp_path):
+    adapter = adapter_for(tiny_model)
+    save_model(tiny_model, tmp_path / "full")
+    compress_model(tiny_model, adapter, rank=4, scope="all")
+    pruner = ColumnPruner(tiny_model, target=0.1, warmup_frac=0.0, cooldown_frac=0.0)
+    _backward(tiny_model, batch)
+    pruner(9, 10)
+    tiny_model.eval()
+    finalize_compact(tiny_model)
+    before = logits(tiny_model, batch)
+    save_model(tiny_model, tmp_path / "c_smoe")
+    reloaded = load_model(tmp_path / "c_smoe")
+    assert len(low_rank_sparse_modules(reloaded)) == 2 * 3 * 8
+    assert torch.allclose(logits(reloaded, batch), before, atol=1e-6)
+    assert bytes_on_disk(tmp_path / "c_smoe") < bytes_on_disk(tmp_path / "full")
 
 
 def test_pruner_needs_compressed_modules(tiny_model):

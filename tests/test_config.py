@@ -1,5 +1,6 @@
 """params.yaml validation: the shipped file is valid, and every bad value is named by its key path."""
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,32 @@ def test_every_dvc_dep_exists():
     for name, stage in dvc["stages"].items():
         for dep in stage["deps"]:
             assert dep in outs or (ROOT / dep).exists(), f"stage {name}: dep {dep} missing"
+
+
+def _project_imports(module: str) -> set[str]:
+    """Modules of this project that ``module`` imports anywhere in its source."""
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found |= {n for n in names if n.split(".")[0] in ("pipeline", "stages")}
+    return found
+
+
+def test_every_stage_lists_the_library_modules_it_imports():
+    # pipeline.config is the params schema, shared by every stage; its registry look-ups only
+    # validate names, so it is not followed (else any schema edit would re-run every stage).
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        seen, todo = set(), [f"stages.{name}"]
+        while todo:
+            mod = todo.pop()
+            if mod not in seen:
+                seen.add(mod)
+                if mod != "pipeline.config":
+                    todo.extend(_project_imports(mod))
+        needed = {m.replace(".", "/") + ".py" for m in seen} - {"pipeline/config.py", "pipeline/registry.py"}
+        missing = sorted(needed - set(stage["deps"]))
+        assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them as deps"

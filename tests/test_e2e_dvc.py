@@ -25,6 +25,10 @@ VARIANT_KEYS = {
     "bytes_on_disk",
     "gflops_per_sample",
     "tokens_per_s",
+    "samples_per_s",
+    "latency_ms_per_batch",
+    "model_memory_bytes",
+    "peak_forward_bytes",
 }
 
 pytestmark = [
@@ -87,17 +91,29 @@ def test_repro_then_partial_rerun(repo: Path) -> None:
     assert _ran(log) == set(STAGES)
 
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert set(metrics) == {"full", "merged", "m_smoe", "mc_smoe"}
+    assert set(metrics) == {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"}
     for name, m in metrics.items():
         assert set(m) >= VARIANT_KEYS, name
         assert 0.0 <= m["accuracy"] <= 1.0
         assert m["tokens_per_s"] > 0 and m["gflops_per_sample"] > 0
-    assert metrics["merged"]["experts_total"] < metrics["full"]["experts_total"]
-    assert metrics["merged"]["bytes_on_disk"] < metrics["full"]["bytes_on_disk"]
-    assert metrics["mc_smoe"]["expert_params"] < metrics["m_smoe"]["expert_params"]
+        assert m["peak_forward_bytes"] > m["model_memory_bytes"] > 0
+    full, mc, c = metrics["full"], metrics["mc_smoe"], metrics["c_smoe"]
+    assert metrics["merged"]["experts_total"] < full["experts_total"]
+    assert metrics["merged"]["bytes_on_disk"] < full["bytes_on_disk"]
+    assert mc["expert_params"] < metrics["m_smoe"]["expert_params"]
+    # The pruned S is stored compactly: fewer parameters, bytes and memory than the merged model.
+    assert mc["bytes_on_disk"] < metrics["m_smoe"]["bytes_on_disk"]
+    assert mc["model_memory_bytes"] < metrics["m_smoe"]["model_memory_bytes"]
+    assert mc["gflops_per_sample"] < full["gflops_per_sample"]
+    # C-SMoE keeps every expert, each compressed.
+    assert c["experts_total"] == full["experts_total"] and c["expert_params"] < full["expert_params"]
     for stage in STAGES:
         assert (repo / "metrics" / f"{stage}.json").is_file(), stage
-    for folder in ("models/full", "models/merged", "models/m_smoe", "models/mc_smoe"):
+    for plot in ("expert_usage", "groups", "stable_rank", "remaining_params"):
+        assert (repo / "plots" / f"{plot}.png").stat().st_size > 0, plot
+    merge_metrics = json.loads((repo / "metrics" / "merge.json").read_text())
+    assert merge_metrics["stable_rank"], "stable rank per merged layer"
+    for folder in ("models/full", "models/merged", "models/m_smoe", "models/mc_smoe", "models/c_smoe"):
         saved = yaml.safe_load((repo / folder / "params.yaml").read_text())
         assert "model" in saved and "finetune" in saved, folder
 
@@ -129,6 +145,7 @@ ALL_CHOICES = {
         "group.ratio": "uniform",
         "align.method": "none",
         "compress.schedule": "linear",
+        "compress.scope": "merged",
     },
     "b": {
         "group.similarity": "expert-weight",
@@ -182,7 +199,7 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path) -> None:
     runs = {r["variant"]: r for r in result["runs"]}
     assert set(runs) == set(ALL_CHOICES)
     for name, run in runs.items():
-        assert set(run["accuracy"]) == {"full", "merged", "m_smoe", "mc_smoe"}, name
+        assert set(run["accuracy"]) == {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"}, name
         assert run["overrides"]["merge_seed"] == 5 and run["overrides"]["kd.train.epochs"] == 0.25
         assert result["summary"][name]["m_smoe"]["n"] == 1
     # The layer choices reached the group stage. The tiny model has SMoE layers encoder 1 and 3 and
