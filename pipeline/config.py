@@ -144,9 +144,9 @@ class MergeParams(_Section):
 
 
 class CompressParams(_Section):
-    rank: int = Field(32, ge=1)
-    # Which SMoE layers of the merged model are compressed: merged (the paper) | all.
-    scope: str = "merged"
+    rank: int = Field(16, ge=1)
+    # Which SMoE layers of the merged model are compressed: all | merged (the paper).
+    scope: str = "all"
     sparse_ratio: float = Field(0.1, gt=0, le=1)
     schedule: str = "cubic"
     # Fractions of the KD steps before pruning starts and after it reaches the target.
