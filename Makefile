@@ -31,8 +31,9 @@ repro:
 	$(PY) -m dvc repro
 
 # Every variant of ablations.yaml x seed as `dvc exp run --temp`; commit code changes first.
+# ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.
 ablations: repro
-	$(PY) -m scripts.ablations
+	$(PY) -m scripts.ablations $(ARGS)
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
