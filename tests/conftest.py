@@ -104,6 +104,13 @@ def logits(model, batch) -> torch.Tensor:
         ).logits
 
 
+def backward(model, batch) -> None:
+    """Fresh gradients of the seq2seq loss on ``batch`` (what the pruner scores columns by)."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
+
+
 def profiles_for(names, n_experts: int = N_EXPERTS, seed: int = 0) -> dict:
     """Routing profiles with random usage counts for the given layer names."""
     from pipeline.profiling import LayerProfile

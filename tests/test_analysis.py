@@ -17,7 +17,7 @@ from pipeline.compression import ColumnPruner, compress_model, finalize_compact
 from pipeline.evaluation import model_memory_bytes, peak_forward_memory
 from pipeline.merging import merge_model
 from pipeline.plots import plot_remaining_params, plot_stable_rank_change
-from tests.conftest import CLASS_TARGETS, profiles_for
+from tests.conftest import CLASS_TARGETS, backward, profiles_for
 
 
 def test_stable_rank_of_rank_one_matrix_is_one():
@@ -78,11 +78,7 @@ def test_remaining_ratios_one_for_dense_and_match_compact_storage(tiny_model, ba
     assert all(r == [1.0] * 8 for r in dense.values())
     compress_model(tiny_model, adapter, rank=4, scope="all")
     pruner = ColumnPruner(tiny_model, target=0.25, warmup_frac=0.0, cooldown_frac=0.0)
-    tiny_model.zero_grad()
-    out = tiny_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-    )
-    out.loss.backward()
+    backward(tiny_model, batch)
     pruner(9, 10)
     masked = remaining_param_ratios(tiny_model, adapter)
     finalize_compact(tiny_model)
@@ -115,10 +111,7 @@ def test_compact_model_takes_less_memory(tiny_model, batch):
     full = copy.deepcopy(tiny_model)
     compress_model(tiny_model, adapter, rank=4, scope="all")
     pruner = ColumnPruner(tiny_model, target=0.1, warmup_frac=0.0, cooldown_frac=0.0)
-    out = tiny_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-    )
-    out.loss.backward()
+    backward(tiny_model, batch)
     pruner(9, 10)
     finalize_compact(tiny_model)
     assert model_memory_bytes(tiny_model) < model_memory_bytes(full)

@@ -15,7 +15,7 @@ from pipeline.compression import (
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, load_model, save_model
 from pipeline.moe import LowRankSparseLinear
-from tests.conftest import TINY, logits, profiles_for
+from tests.conftest import TINY, backward, logits, profiles_for
 
 FULL_RANK = min(TINY["d_model"], TINY["d_ff"])
 
@@ -27,12 +27,6 @@ def _merged(model):
     groups = {"layers": {n: {"merged": True, "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]} for n in names}}
     merge_model(model, adapter, groups, profiles_for(names), "frequency")
     return model, adapter
-
-
-def _backward(model, batch):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    out.loss.backward()
 
 
 # ---------------------------------------------------------------- LowRankSparseLinear
@@ -138,7 +132,7 @@ def test_c_smoe_pruned_compact_model_reloads_smaller(tiny_model, batch, tmp_path
     save_model(tiny_model, tmp_path / "full")
     compress_model(tiny_model, adapter, rank=4, scope="all")
     pruner = ColumnPruner(tiny_model, target=0.1, warmup_frac=0.0, cooldown_frac=0.0)
-    _backward(tiny_model, batch)
+    backward(tiny_model, batch)
     pruner(9, 10)
     tiny_model.eval()
     finalize_compact(tiny_model)
@@ -187,7 +181,7 @@ def test_pruner_at_final_step_reaches_target_and_zeroes_masked_columns(tiny_mode
     compress_model(model, adapter, rank=4)
     pruner = ColumnPruner(model, target=target, warmup_frac=0.1, cooldown_frac=0.2)
     model.train()
-    _backward(model, batch)
+    backward(model, batch)
     total = 10
     pruner(pruner.final_step(total) - 1, total)  # the hook call whose next step is the final one
     assert pruner.last_ratio == pytest.approx(target)
@@ -205,7 +199,7 @@ def test_pruner_does_nothing_during_warmup(tiny_model, batch):
     compress_model(model, adapter, rank=4)
     pruner = ColumnPruner(model, target=0.1, warmup_frac=0.5, cooldown_frac=0.1)
     model.train()
-    _backward(model, batch)
+    backward(model, batch)
     pruner(0, 10)
     assert pruner.last_ratio == 1.0
     assert pruner.kept_fraction() == 1.0
@@ -218,7 +212,7 @@ def test_pruned_columns_stay_pruned(tiny_model, batch):
     model.train()
     total, masks = 6, []
     for step in range(total):
-        _backward(model, batch)
+        backward(model, batch)
         pruner(step, total)
         masks.append([m.s_mask.clone() for m in low_rank_sparse_modules(model).values()])
     for earlier, later in zip(masks, masks[1:], strict=False):
@@ -232,7 +226,7 @@ def test_prune_compact_save_reload(tiny_model, batch, tmp_path):
     compress_model(model, adapter, rank=4)
     pruner = ColumnPruner(model, target=0.2, warmup_frac=0.0, cooldown_frac=0.0)
     model.train()
-    _backward(model, batch)
+    backward(model, batch)
     pruner(9, 10)
     model.eval()
     before = logits(model, batch)
@@ -262,7 +256,7 @@ def test_masked_but_not_compacted_model_reloads(tiny_model, batch, tmp_path):
     model, adapter = _merged(tiny_model)
     compress_model(model, adapter, rank=4)
     pruner = ColumnPruner(model, target=0.3, warmup_frac=0.0, cooldown_frac=0.0)
-    _backward(model, batch)
+    backward(model, batch)
     pruner(9, 10)
     model.eval()
     save_model(model, tmp_path / "masked")
