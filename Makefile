@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro ablations mlflow-ui clean
+.PHONY: setup test test-fast lint format repro ablations benchmark mlflow-ui clean
 
 setup:
 	python3 -m venv .venv
@@ -20,12 +20,12 @@ test-fast:
 	$(PY) -m pytest tests -q -m "not slow"
 
 lint:
-	$(PY) -m ruff check pipeline stages scripts tests
-	$(PY) -m ruff format --check pipeline stages scripts tests
+	$(PY) -m ruff check pipeline stages scripts benchmarks tests
+	$(PY) -m ruff format --check pipeline stages scripts benchmarks tests
 
 format:
-	$(PY) -m ruff check --fix pipeline stages scripts tests
-	$(PY) -m ruff format pipeline stages scripts tests
+	$(PY) -m ruff check --fix pipeline stages scripts benchmarks tests
+	$(PY) -m ruff format pipeline stages scripts benchmarks tests
 
 repro:
 	$(PY) -m dvc repro
@@ -34,6 +34,10 @@ repro:
 # ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.
 ablations: repro
 	$(PY) -m scripts.ablations $(ARGS)
+
+# switch-base-32-size random models on this machine: merge cost, speed, memory, size (15-20 min, 16 GB RAM).
+benchmark:
+	$(PY) -m benchmarks.switch_base_32 $(ARGS)
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000

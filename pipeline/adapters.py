@@ -71,10 +71,34 @@ class MoEAdapter:
         layer: SparseLayer,
         expert_map: list[int],
         merged: list[dict[str, torch.Tensor]],
+        dominant: list[int] | None = None,
     ) -> None:
+        """Swap ``layer`` for one holding the ``merged`` experts, in ``remap`` router form.
+
+        ``expert_map[e]``: the merged expert of original expert e; ``dominant[g]``: the original
+        expert that leads group g (whose router row ``prune`` keeps).
+        """
+        raise NotImplementedError
+
+    def merged_routing(self, layer: SparseLayer) -> dict | None:
+        """``{"mode", "expert_map", "dominant"}`` of a merged layer; None for an unmerged one."""
+        raise NotImplementedError
+
+    def set_router(self, layer: SparseLayer, plan, mode: str) -> None:
+        """Rebuild a merged layer's router from its original rows by a :class:`RouterPlan`."""
+        raise NotImplementedError
+
+    def stock_num_experts(self, model: nn.Module) -> int | None:
+        """M when every SMoE layer is a plain M-expert layer that stock ``transformers`` can load
+        with ``num_experts = M``; None otherwise."""
         raise NotImplementedError
 
     def compress_layer(self, layer: SparseLayer, rank: int) -> None:
+        raise NotImplementedError
+
+    def forward_with_router_losses(self, model: nn.Module, **inputs):
+        """The model's forward with its router losses filled in, also when merged layers' routers
+        have different numbers of outputs (which the stock loss code cannot concatenate)."""
         raise NotImplementedError
 
     def expert_modules(self, layer: SparseLayer) -> list[nn.Module]:
@@ -131,18 +155,81 @@ class SwitchExpert(nn.Module):
         return self.wo(self.dropout(self.act(self.wi(x))))
 
 
-class MergedSwitchSparseMLP(nn.Module):
-    """A Switch SMoE layer whose N router outputs are redirected to M merged experts.
+def top1_dispatch(probs: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch's top-1 choice with expert capacity: ``[B, S, E]`` probs -> one-hot dispatch, max prob.
 
-    The router and its capacity rule are untouched, so each token picks the same original expert
-    as before; ``expert_map[e]`` sends it to the merged expert of e's group.
+    Tokens fill each expert's capacity in sequence order, per sequence; the rest are dropped.
+    """
+    index = torch.nn.functional.one_hot(probs.argmax(-1), num_classes=probs.shape[-1])
+    index = index * (torch.cumsum(index, dim=-2) <= capacity)
+    return index, probs.max(-1).values.unsqueeze(-1)
+
+
+class LogSumExpGroupRouter(nn.Module):
+    """A top-1 router over M groups whose logit per group is the log-sum-exp of its members' rows.
+
+    Keeps the original N router rows; per token, ``softmax`` over the group logits equals the summed
+    probability of each group's members, so no group loses probability mass to pruned rows.
     """
 
-    def __init__(self, router: nn.Module, experts: nn.ModuleDict, expert_map: torch.Tensor) -> None:
+    def __init__(
+        self,
+        classifier: nn.Linear,
+        row_group: torch.Tensor,
+        capacity: int,
+        dtype: torch.dtype,
+        jitter_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("row_group", row_group.long(), persistent=False)
+        self.num_experts = int(row_group.max()) + 1
+        self.expert_capacity = capacity
+        self.dtype = dtype
+        self.jitter_noise = jitter_noise
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        in_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(self.dtype)
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        logits = self.classifier(hidden_states)
+        group_logits = torch.stack(
+            [logits[..., self.row_group == g].logsumexp(-1) for g in range(self.num_experts)], dim=-1
+        )
+        probs = torch.softmax(group_logits, dim=-1, dtype=self.dtype).to(in_dtype)
+        dispatch, top = top1_dispatch(probs, self.expert_capacity)
+        return dispatch, top, group_logits
+
+
+class MergedSwitchSparseMLP(nn.Module):
+    """A Switch SMoE layer holding only its M merged experts.
+
+    The router picks one of its outputs per token (capacity applied per output) and
+    ``expert_map[output]`` names the merged expert that runs it. In ``remap`` form the router is
+    the original one (N outputs), so each token picks the same original expert as before and goes
+    to that expert's group; pruned forms have one output per group. Tokens are sorted by expert and
+    each expert runs once on all of its tokens.
+    """
+
+    def __init__(
+        self,
+        router: nn.Module,
+        experts: nn.ModuleDict,
+        expert_map: torch.Tensor,
+        dominant: torch.Tensor | None = None,
+        router_mode: str = "remap",
+    ) -> None:
         super().__init__()
         self.router = router
         self.experts = experts
-        self.register_buffer("expert_map", expert_map.long())
+        self.router_mode = router_mode
+        # Routing tables live in the structure file, so the weights keep the stock key names.
+        self.register_buffer("expert_map", expert_map.long(), persistent=False)
+        if dominant is None:
+            dominant = torch.arange(len(experts))
+        self.register_buffer("dominant", dominant.long(), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b, s, h = hidden_states.shape
@@ -225,6 +312,7 @@ class SwitchAdapter(MoEAdapter):
         layer: SparseLayer,
         expert_map: list[int],
         merged: list[dict[str, torch.Tensor]],
+        dominant: list[int] | None = None,
     ) -> None:
         act, p = self._act_and_dropout(layer.module)
         experts = nn.ModuleDict()
@@ -237,10 +325,81 @@ class SwitchAdapter(MoEAdapter):
             experts[f"expert_{g}"] = SwitchExpert(wi, wo, act, p)
         ref = next(layer.module.parameters())
         new = MergedSwitchSparseMLP(
-            layer.module.router, experts.to(ref.device, ref.dtype), torch.tensor(expert_map)
+            layer.module.router,
+            experts.to(ref.device, ref.dtype),
+            torch.tensor(expert_map),
+            torch.tensor(dominant) if dominant is not None else None,
         )
+        # New modules start in training mode; keep the layer's (dropout, router jitter).
+        new.train(layer.module.training)
         set_submodule(model, layer.name, new.to(ref.device))
         layer.module = new
+
+    def merged_routing(self, layer: SparseLayer) -> dict | None:
+        m = layer.module
+        if not isinstance(m, MergedSwitchSparseMLP):
+            return None
+        return {"mode": m.router_mode, "expert_map": m.expert_map.tolist(), "dominant": m.dominant.tolist()}
+
+    @staticmethod
+    def _router_rows(router: nn.Module, rows: list[int] | None, n_out: int) -> nn.Linear:
+        """A copy of the router's classifier holding ``rows`` (all when None), or an empty one."""
+        old = router.classifier
+        lin = nn.Linear(old.in_features, n_out if rows is None else len(rows), bias=old.bias is not None)
+        lin = lin.to(old.weight.device, old.weight.dtype)
+        if rows is not None:
+            idx = torch.tensor(rows, device=old.weight.device)
+            with torch.no_grad():
+                lin.weight.copy_(old.weight.index_select(0, idx))
+                if old.bias is not None:
+                    lin.bias.copy_(old.bias.index_select(0, idx))
+        return lin
+
+    def _build_router(
+        self, template: nn.Module, rows: list[int] | None, row_group: list[int], logsumexp: bool
+    ):
+        """A router like ``template`` (capacity, dtype) with the given rows and output rule."""
+        import copy
+
+        n_rows = len(row_group)
+        classifier = self._router_rows(template, rows, n_rows)
+        if logsumexp:
+            return LogSumExpGroupRouter(
+                classifier,
+                torch.tensor(row_group),
+                template.expert_capacity,
+                template.dtype,
+                getattr(template, "jitter_noise", 0.0),
+            ).to(classifier.weight.device)
+        router = copy.deepcopy(template)  # a stock Top1Router: same capacity, jitter and dtype
+        router.classifier = classifier
+        router.num_experts = n_rows
+        return router
+
+    def set_router(self, layer: SparseLayer, plan, mode: str) -> None:
+        m = layer.module
+        m.router = self._build_router(m.router, plan.rows, plan.row_group, plan.logsumexp)
+        m.router.train(m.training)
+        exp_map = list(range(plan.outputs)) if plan.logsumexp else plan.row_group
+        m.expert_map = torch.tensor(exp_map, device=m.expert_map.device)
+        m.router_mode = mode
+
+    def stock_num_experts(self, model: nn.Module) -> int | None:
+        sizes = set()
+        for layer in self.sparse_layers(model):
+            m = layer.module
+            if isinstance(m, MergedSwitchSparseMLP):
+                plain = (
+                    m.router_mode == "prune"
+                    and all(
+                        isinstance(getattr(e, k), nn.Linear) for e in m.experts.values() for k in ("wi", "wo")
+                    )
+                    and list(m.experts) == [f"expert_{g}" for g in range(len(m.experts))]
+                )
+                if not plain:
+                    return None
+            sizes.add(self.num_experts(layer))
+        return sizes.pop() if len(sizes) == 1 else None
 
     def compress_layer(self, layer: SparseLayer, rank: int) -> None:
         if not isinstance(layer.module, MergedSwitchSparseMLP):
@@ -253,17 +412,57 @@ class SwitchAdapter(MoEAdapter):
                 if not isinstance(lin, LowRankSparseLinear):
                     setattr(e, k, LowRankSparseLinear.from_weight(lin.weight, rank))
 
+    def forward_with_router_losses(self, model: nn.Module, **inputs):
+        from transformers.models.switch_transformers import modeling_switch_transformers as stock
+
+        layers = self.sparse_layers(model)
+        routers = [self.router(ly) for ly in layers]
+        if all(type(r) is stock.SwitchTransformersTop1Router for r in routers) and (
+            len({r.num_experts for r in routers}) == 1
+        ):
+            return model(**inputs, output_router_logits=True)
+        logits: dict[str, list[torch.Tensor]] = {"encoder": [], "decoder": []}
+        hooks = [
+            r.register_forward_hook(lambda _m, _i, out, side=ly.stack: logits[side].append(out[2]))
+            for ly, r in zip(layers, routers, strict=True)
+        ]
+        try:
+            out = model(**inputs, output_router_logits=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        # Per layer, then averaged: the stock losses of equal-width layers, layer by layer.
+        for side, per_layer in logits.items():
+            if not per_layer:
+                continue
+            z = torch.stack([stock.router_z_loss_func(x) for x in per_layer]).mean()
+            aux = torch.stack(
+                [stock.load_balancing_loss_func(x.softmax(-1), x.argmax(-1)) for x in per_layer]
+            ).mean()
+            setattr(out, f"{side}_z_loss", z)
+            setattr(out, f"{side}_aux_loss", aux)
+        return out
+
     def structure(self, model: nn.Module) -> dict:
         out = {}
         for layer in self.sparse_layers(model):
-            if not isinstance(layer.module, MergedSwitchSparseMLP):
+            m = layer.module
+            if not isinstance(m, MergedSwitchSparseMLP):
                 continue
             experts = {}
-            for name, e in layer.module.experts.items():
+            for name, e in m.experts.items():
                 experts[name] = {
                     k: getattr(e, k).structure() for k in ("wi", "wo") if hasattr(getattr(e, k), "structure")
                 }
-            out[layer.name] = {"expert_map": layer.module.expert_map.tolist(), "experts": experts}
+            router = {"mode": m.router_mode, "rows": m.router.classifier.out_features}
+            if isinstance(m.router, LogSumExpGroupRouter):
+                router["row_group"] = m.router.row_group.tolist()
+            out[layer.name] = {
+                "router": router,
+                "expert_map": m.expert_map.tolist(),
+                "dominant": m.dominant.tolist(),
+                "experts": experts,
+            }
         return out
 
     def apply_structure(self, model: nn.Module, structure: dict) -> None:
@@ -275,23 +474,34 @@ class SwitchAdapter(MoEAdapter):
             layer = layers[name]
             act, p = self._act_and_dropout(layer.module)
             w0 = next(iter(layer.module.experts.values()))
+            d_model, d_ff = w0.wi.in_features, w0.wi.out_features
             experts = nn.ModuleDict()
             for ename, parts in spec["experts"].items():
                 wi = (
                     linear_from_structure(parts["wi"])
                     if "wi" in parts
-                    else nn.Linear(w0.wi.in_features, w0.wi.out_features, bias=False)
+                    else nn.Linear(d_model, d_ff, bias=False)
                 )
                 wo = (
                     linear_from_structure(parts["wo"])
                     if "wo" in parts
-                    else nn.Linear(w0.wo.in_features, w0.wo.out_features, bias=False)
+                    else nn.Linear(d_ff, d_model, bias=False)
                 )
                 experts[ename] = SwitchExpert(wi, wo, act, p)
+            router_spec = spec.get("router", {"mode": "remap"})
+            rows = router_spec.get("rows", len(spec["expert_map"]))
+            row_group = router_spec.get("row_group", list(range(rows)))
+            router = self._build_router(layer.module.router, None, row_group, "row_group" in router_spec)
             set_submodule(
                 model,
                 name,
-                MergedSwitchSparseMLP(layer.module.router, experts, torch.tensor(spec["expert_map"])),
+                MergedSwitchSparseMLP(
+                    router,
+                    experts,
+                    torch.tensor(spec["expert_map"]),
+                    torch.tensor(spec["dominant"]) if "dominant" in spec else None,
+                    router_spec["mode"],
+                ),
             )
 
 

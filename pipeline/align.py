@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -18,9 +19,15 @@ Aligner = Callable[[MoEAdapter, SparseLayer, int, "torch.Tensor | None"], list[t
 ALIGNERS: Registry[Aligner] = Registry("alignment method")
 
 
-def _neuron_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
-    """``[n_neurons, rest]``: each row holds every weight attached to one hidden neuron."""
-    return w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
+def _neuron_rows(weights: dict[str, torch.Tensor], neuron_axes: dict[str, int]) -> torch.Tensor:
+    """``[n_neurons, rest]``: row i holds every weight attached to hidden neuron i, over all matrices."""
+    return torch.cat(
+        [
+            w.movedim(neuron_axes[k], 0).reshape(w.shape[neuron_axes[k]], -1).float()
+            for k, w in weights.items()
+        ],
+        dim=1,
+    )
 
 
 def weight_matching_permutation(
@@ -31,10 +38,8 @@ def weight_matching_permutation(
     For a Switch expert this is <W_in^a, P W_in^b> + <W_out^a, W_out^b P^T>; solved exactly as a
     linear assignment. ``other`` permuted by the result has neuron i = old neuron ``perm[i]``.
     """
-    cost = None
-    for k, axis in neuron_axes.items():
-        c = _neuron_rows(ref[k], axis) @ _neuron_rows(other[k], axis).T
-        cost = c if cost is None else cost + c
+    # One float32 matmul: float64 doubles its cost, and the assignment only needs the ordering.
+    cost = _neuron_rows(ref, neuron_axes) @ _neuron_rows(other, neuron_axes).T
     rows, cols = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
     perm = np.empty_like(cols)
     perm[rows] = cols
@@ -46,14 +51,15 @@ def _weight_matching(
     adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
 ) -> list[torch.Tensor | None]:
     ref = adapter.expert_weights(layer, reference)
-    out: list[torch.Tensor | None] = []
-    for e in range(adapter.num_experts(layer)):
-        out.append(
-            None
-            if e == reference
-            else weight_matching_permutation(ref, adapter.expert_weights(layer, e), adapter.neuron_axes)
-        )
-    return out
+    others = [e for e in range(adapter.num_experts(layer)) if e != reference]
+
+    def solve(e: int) -> torch.Tensor:
+        return weight_matching_permutation(ref, adapter.expert_weights(layer, e), adapter.neuron_axes)
+
+    # scipy's assignment solver is single-threaded and releases the GIL: solve pairs side by side.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        perms = dict(zip(others, pool.map(solve, others), strict=True))
+    return [perms.get(e) for e in range(adapter.num_experts(layer))]
 
 
 def activation_matching_permutation(ref_act: torch.Tensor, other_act: torch.Tensor) -> torch.Tensor:
@@ -100,8 +106,10 @@ def align_model(
     reference: str,
     frequencies: dict[str, torch.Tensor] | None = None,
     inputs: dict[str, torch.Tensor] | None = None,
+    layers: Collection[str] | None = None,
 ) -> dict:
-    """Align every expert of every SMoE layer to the layer's reference expert, in place.
+    """Align every expert of every SMoE layer (or of the named ``layers``) to the layer's reference
+    expert, in place.
 
     ``reference``: ``first`` (expert 0, as the paper) or ``most-used`` (needs ``frequencies``);
     ``inputs``: per layer, profiled layer inputs (needed by activation matching).
@@ -110,6 +118,8 @@ def align_model(
     aligner = ALIGNERS.get(method)
     report = {}
     for layer in adapter.sparse_layers(model):
+        if layers is not None and layer.name not in layers:
+            continue
         if reference == "most-used":
             if frequencies is None or layer.name not in frequencies:
                 raise ValueError(f"align.reference=most-used needs the routing profile of {layer.name}")

@@ -133,6 +133,9 @@ class GroupParams(_Section):
 
 class MergeParams(_Section):
     strategy: str = "frequency"
+    # What the final merged models' routers become (see pipeline.routing); merge itself always
+    # leaves the lossless remap form, from which evaluate measures every mode.
+    router: str = "remap"
 
     @field_validator("strategy")
     @classmethod
@@ -140,6 +143,14 @@ class MergeParams(_Section):
         from pipeline.merging import MERGE_STRATEGIES
 
         MERGE_STRATEGIES.get(v)
+        return v
+
+    @field_validator("router")
+    @classmethod
+    def _known_router(cls, v: str) -> str:
+        from pipeline.routing import ROUTER_MODES
+
+        ROUTER_MODES.get(v)
         return v
 
 

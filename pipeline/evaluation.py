@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,22 +81,20 @@ class _LiveTensorBytes(TorchDispatchMode):
 
 
 @torch.no_grad()
-def peak_forward_memory(
-    model: nn.Module, batch: dict, class_targets: list[list[int]], device: torch.device
-) -> dict:
-    """Peak memory of one scoring forward: the model's own bytes plus the activations alive at once."""
+def peak_forward_memory(model: nn.Module, forward: Callable[[], object], device: torch.device) -> dict:
+    """Peak memory of one ``forward()`` of ``model``: its own bytes plus the activations alive at once."""
     weights = model_memory_bytes(model)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        score_classes(model, batch, class_targets)
+        forward()
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated(device) - base
     else:
         tracker = _LiveTensorBytes()
         with tracker:
-            score_classes(model, batch, class_targets)
+            forward()
         activations = tracker.peak
     return {"model_memory_bytes": weights, "peak_forward_bytes": weights + activations}
 
@@ -131,7 +130,7 @@ def speed_and_flops(
         counter = FlopCounterMode(display=False)
         with counter:
             score_classes(model, data[0], class_targets)
-        memory = peak_forward_memory(model, data[0], class_targets, device)
+        memory = peak_forward_memory(model, lambda: score_classes(model, data[0], class_targets), device)
     samples = sum(int(b["input_ids"].shape[0]) for b in timed)
     return {
         "tokens_per_s": tokens / elapsed,

@@ -63,7 +63,16 @@ def merge_expert_weights(
             raise ValueError(
                 f"merge coefficients of {k} must sum to 1, got {c.sum(0).flatten()[:3].tolist()}"
             )
-        out[k] = (c * torch.stack([e[k].double() for e in experts])).sum(0).to(ref.dtype)
+        # Accumulate member by member in (at least) float32: stacking every member in float64 costs
+        # seconds per layer at switch-base size, and float32 sums are exact enough for weights.
+        acc_dtype = torch.promote_types(ref.dtype, torch.float32)
+        acc = torch.zeros(ref.shape, dtype=acc_dtype, device=ref.device)
+        for i, e in enumerate(experts):
+            if isinstance(coeffs, dict):
+                acc.add_(e[k].to(acc_dtype) * c[i].to(acc_dtype))
+            else:
+                acc.add_(e[k].to(acc_dtype), alpha=float(c[i]))
+        out[k] = acc.to(ref.dtype)
     return out
 
 
@@ -96,6 +105,8 @@ def merge_model(
             coeff_report.append(_summary(members, coeffs))
             for e in members:
                 expert_map[e] = g
-        adapter.replace_with_merged(model, layer, expert_map, merged)
+        # Groups list their dominant expert first.
+        dominant = [members[0] for members in spec["groups"]]
+        adapter.replace_with_merged(model, layer, expert_map, merged, dominant)
         report[layer.name] = {"experts_before": n, "experts_after": len(merged), "coefficients": coeff_report}
     return report

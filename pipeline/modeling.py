@@ -177,8 +177,19 @@ def save_model(
 ) -> None:
     """Save weights (safetensors), structure, tokenizer and the resolved params that made the model."""
     folder = Path(folder)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    structure = adapter_for(model).structure(model)
+    adapter = adapter_for(model)
+    # When every SMoE layer is a plain M-expert layer, the checkpoint says num_experts = M and loads
+    # in stock transformers; the structure file still lets this project's loader restore routing.
+    stock_m = adapter.stock_num_experts(model)
+    n_before = getattr(model.config, "num_experts", None)
+    if stock_m is not None and n_before is not None:
+        model.config.num_experts = stock_m
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        if n_before is not None:
+            model.config.num_experts = n_before
+    structure = adapter.structure(model)
     if structure:
         (folder / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "layers": structure}, indent=1))
     if tokenizer is not None:

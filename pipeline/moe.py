@@ -127,12 +127,13 @@ def dispatch_by_group(
         return out
     order = kept[torch.argsort(group_index[kept], stable=True)]
     counts = torch.bincount(group_index[order], minlength=len(experts)).tolist()
+    # One gather into expert order, contiguous slices per expert, one scatter back.
+    xs = hidden.index_select(0, order)
+    ys = torch.empty_like(xs)
     start = 0
     for g, n in enumerate(counts):
-        if n == 0:
-            continue
-        tok = order[start : start + n]
-        start += n
-        y = experts[g](hidden[tok]) * scale[tok]
-        out.index_copy_(0, tok, y.to(out.dtype))
+        if n:
+            ys[start : start + n] = experts[g](xs[start : start + n]).to(ys.dtype)
+            start += n
+    out.index_copy_(0, order, ys * scale.index_select(0, order).to(ys.dtype))
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.adapters import adapter_for
 from pipeline.data import batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,13 +41,14 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def seq2seq_forward(model: nn.Module, batch: dict, with_router: bool = True):
     """Forward pass with teacher forcing on the target; returns the model output."""
-    dec_in = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        decoder_input_ids=dec_in,
-        output_router_logits=with_router,
-    )
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+    }
+    if with_router:
+        return adapter_for(model).forward_with_router_losses(model, **inputs)
+    return model(**inputs, output_router_logits=False)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pipeline.adapters import adapter_for
 from pipeline.compression import compress_model
 from pipeline.evaluation import expert_stats
 from pipeline.modeling import CheckpointError, atomic_dir, count_unique_params, load_model, save_model
+from pipeline.routing import set_router_mode
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         models = {"mc_smoe": load_model(args.model), "c_smoe": load_model(args.full)}
         adapter = adapter_for(models["mc_smoe"])
+        # MC-SMoE's router takes its final form before its experts are compressed.
+        routers = set_router_mode(models["mc_smoe"], adapter, params.merge.router)
         # Rank must be below every expert matrix dimension, else U V alone is the full matrix.
         dims = [
             min(w.shape)
@@ -45,9 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     sources = {"mc_smoe": args.model, "c_smoe": args.full}
     outs = {"mc_smoe": args.out, "c_smoe": args.out_c}
     scopes = {"mc_smoe": c.scope, "c_smoe": "all"}
-    lineage_keys = {"mc_smoe": ("compress.rank", "compress.scope"), "c_smoe": ("compress.rank",)}
+    lineage_keys = {
+        "mc_smoe": ("merge.router", "compress.rank", "compress.scope"),
+        "c_smoe": ("compress.rank",),
+    }
     metrics = {}
-    with mlflow_run(params, args.params, "compress", section(params, "compress")) as run:
+    with mlflow_run(params, args.params, "compress", section(params, "merge.router", "compress")) as run:
         for name, model in models.items():
             t0 = time.time()
             before = expert_stats(model)["expert_params"]
@@ -67,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
                 "expert_params_before": before,
                 "params_total": count_unique_params(model),
                 "layers_compressed": len(report),
+                **(
+                    {"router_outputs": {n: r["router_outputs"] for n, r in routers.items()}}
+                    if name == "mc_smoe"
+                    else {}
+                ),
                 "seconds": round(time.time() - t0, 2),
             }
             run.log_metrics(metrics[name], prefix=f"{name}.")

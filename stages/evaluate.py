@@ -1,16 +1,23 @@
-"""Stage evaluate: full, merged, M-SMoE, MC-SMoE and C-SMoE side by side on the dev split, in one run."""
+"""Stage evaluate: full, merged, M-SMoE, MC-SMoE and C-SMoE side by side on the dev split, in one run.
+
+The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
+with the router remapped or pruned to one output per group.
+"""
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from pipeline.adapters import adapter_for
 from pipeline.config import flatten
 from pipeline.data import DataError, load_prepared
 from pipeline.evaluation import evaluate_variant
-from pipeline.modeling import CheckpointError, load_model, resolve_device
+from pipeline.modeling import CheckpointError, load_model, resolve_device, save_model
+from pipeline.routing import router_mode_variants
 from stages.common import load, mlflow_run, parser, section, write_json
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
@@ -28,11 +35,22 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
         models = {v: load_model(f) for v, f in folders.items()}
-    except (DataError, CheckpointError, RuntimeError) as err:
+        modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
+    except (DataError, CheckpointError, RuntimeError, ValueError) as err:
         sys.exit(f"error: {err}")
     e = params.evaluate
     results = {}
-    with mlflow_run(params, args.params, "evaluate", section(params, "evaluate", "runtime")) as run:
+    with (
+        tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
+        mlflow_run(params, args.params, "evaluate", section(params, "evaluate", "runtime")) as run,
+    ):
+        for mode, model in modes.items():
+            if mode == "remap":
+                continue  # that is the merged model itself
+            name = f"merged_{mode.replace('-', '_')}"
+            folders[name] = Path(scratch) / name  # saved only to measure its bytes on disk
+            save_model(model, folders[name])
+            models[name] = model
         for v, model in models.items():
             results[v] = evaluate_variant(
                 model,

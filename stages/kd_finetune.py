@@ -25,6 +25,7 @@ from pipeline.modeling import (
     save_model,
 )
 from pipeline.plots import plot_remaining_params
+from pipeline.routing import set_router_mode
 from pipeline.training import KDSettings, TrainSettings, train
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         teacher = load_model(args.teacher)
         sources = {"m_smoe": args.merged, "mc_smoe": args.compressed, "c_smoe": args.compressed_full}
         students = {name: load_model(folder) for name, folder in sources.items()}
+        # M-SMoE's router takes its final form before KD trains it (MC-SMoE's did in compress).
+        set_router_mode(students["m_smoe"], adapter_for(students["m_smoe"]), params.merge.router)
         device = resolve_device(params.runtime.device)
-    except (DataError, CheckpointError, RuntimeError) as err:
+    except (DataError, CheckpointError, RuntimeError, ValueError) as err:
         sys.exit(f"error: {err}")
     tok, kd, c = task.tokenizer, params.kd, params.compress
     settings = TrainSettings(**kd.train.model_dump())
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, student in students.items():
         t0 = time.time()
         compressed = name != "m_smoe"
-        sections = section(params, "merge_seed", "runtime", "kd", *(COMPRESS_KEYS if compressed else ()))
+        keys = ("merge_seed", "runtime", "kd") + (COMPRESS_KEYS if compressed else ("merge.router",))
+        sections = section(params, *keys)
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
             if compressed:
@@ -107,11 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 save_model(
                     student,
                     tmp,
-                    params=lineage(
-                        params,
-                        ("merge_seed", "runtime", "kd") + (COMPRESS_KEYS if compressed else ()),
-                        sources[name],
-                    ),
+                    params=lineage(params, keys, sources[name]),
                     tokenizer=tok,
                 )
             m.update(expert_stats(student))

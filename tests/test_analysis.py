@@ -17,6 +17,7 @@ from pipeline.compression import ColumnPruner, compress_model, finalize_compact
 from pipeline.evaluation import model_memory_bytes, peak_forward_memory
 from pipeline.merging import merge_model
 from pipeline.plots import plot_remaining_params, plot_stable_rank_change
+from pipeline.training import score_classes
 from tests.conftest import CLASS_TARGETS, backward, profiles_for
 
 
@@ -98,10 +99,10 @@ def test_memory_accounting(tiny_model, batch):
     weights = model_memory_bytes(tiny_model)
     n_unique = sum(p.numel() for p in {id(p): p for p in tiny_model.parameters()}.values())
     assert weights >= 4 * n_unique
-    small = peak_forward_memory(
-        tiny_model, {k: v[:2] for k, v in batch.items()}, CLASS_TARGETS, torch.device("cpu")
-    )
-    large = peak_forward_memory(tiny_model, batch, CLASS_TARGETS, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    two = {k: v[:2] for k, v in batch.items()}
+    small = peak_forward_memory(tiny_model, lambda: score_classes(tiny_model, two, CLASS_TARGETS), cpu)
+    large = peak_forward_memory(tiny_model, lambda: score_classes(tiny_model, batch, CLASS_TARGETS), cpu)
     assert small["model_memory_bytes"] == large["model_memory_bytes"] == weights
     assert weights < small["peak_forward_bytes"] < large["peak_forward_bytes"]
 

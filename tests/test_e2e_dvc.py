@@ -91,7 +91,15 @@ def test_repro_then_partial_rerun(repo: Path) -> None:
     assert _ran(log) == set(STAGES)
 
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert set(metrics) == {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"}
+    assert set(metrics) == {
+        "full",
+        "merged",
+        "merged_prune",
+        "merged_prune_logsumexp",
+        "m_smoe",
+        "mc_smoe",
+        "c_smoe",
+    }
     for name, m in metrics.items():
         assert set(m) >= VARIANT_KEYS, name
         assert 0.0 <= m["accuracy"] <= 1.0
@@ -100,6 +108,10 @@ def test_repro_then_partial_rerun(repo: Path) -> None:
     full, mc, c = metrics["full"], metrics["mc_smoe"], metrics["c_smoe"]
     assert metrics["merged"]["experts_total"] < full["experts_total"]
     assert metrics["merged"]["bytes_on_disk"] < full["bytes_on_disk"]
+    # Router modes change the router only: same experts, and a pruned router is smaller.
+    for mode in ("merged_prune", "merged_prune_logsumexp"):
+        assert metrics[mode]["experts_total"] == metrics["merged"]["experts_total"]
+    assert metrics["merged_prune"]["params_total"] < metrics["merged"]["params_total"]
     assert mc["expert_params"] < metrics["m_smoe"]["expert_params"]
     # The pruned S is stored compactly: fewer parameters, bytes and memory than the merged model.
     assert mc["bytes_on_disk"] < metrics["m_smoe"]["bytes_on_disk"]
@@ -134,6 +146,18 @@ def test_repro_then_partial_rerun(repo: Path) -> None:
         yaml.safe_load((repo / "models" / "merged" / "params.yaml").read_text())["merge"]["strategy"]
         == "uniform"
     )
+
+    # The router mode acts after merging: merge itself does not re-run.
+    params["merge"]["router"] = "prune"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _ran(_dvc(repo, "repro")) == {"compress", "kd_finetune", "evaluate"}
+    saved = yaml.safe_load((repo / "models" / "m_smoe" / "params.yaml").read_text())
+    assert saved["merge"]["router"] == "prune"
+    structure = json.loads((repo / "models" / "mc_smoe" / "smoe_structure.json").read_text())
+    groups = json.loads((repo / "groups" / "groups.json").read_text())["layers"]
+    pruned = {name for name, spec in structure["layers"].items() if spec["router"]["mode"] == "prune"}
+    # With compress.scope all, the unmerged first layer is compressed too; its router stays whole.
+    assert pruned == {name for name, g in groups.items() if g["merged"]}
 
 
 # Every registered choice of issue 3's ablations, packed into as few pipelines as the similarities

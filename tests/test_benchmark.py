@@ -1,0 +1,44 @@
+"""The switch-base-32 benchmark script, run at tiny dimensions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.switch_base_32 import main
+
+
+def test_quick_benchmark_measures_every_model(tmp_path, capsys):
+    out = tmp_path / "benchmark.json"
+    main(
+        ["--quick", "--batch-size", "4", "--seq-len", "16", "--target-len", "4", "--profile-samples", "8"]
+        + ["--rank", "4", "--repeats", "1", "--out", str(out)]
+    )
+    r = json.loads(out.read_text())
+    models = r["models"]
+    assert list(models) == ["full", "full_sorted", "merged", "compressed", "dense"]
+    full, merged, compressed = models["full"], models["merged"], models["compressed"]
+    # 3 of 4 SMoE layers merged from 8 to 2 experts; the first one keeps its 8.
+    assert full["experts_total"] == 4 * 8 and merged["experts_total"] == 8 + 3 * 2
+    assert full["bytes_on_disk"] > merged["bytes_on_disk"] > compressed["bytes_on_disk"]
+    assert full["params"] > merged["params"] > compressed["params"] > 0
+    assert models["full_sorted"]["params"] == full["params"]
+    assert models["dense"]["experts_total"] == 0 and models["dense"]["params"] < merged["params"]
+    for m in models.values():
+        assert m["latency_s"] > 0 and m["peak_forward_bytes"] > m["model_memory_bytes"] > 0
+    cost = r["merge_cost_s"]
+    assert cost["merged_layers"] == 3 and cost["total"] == pytest.approx(
+        cost["align"] + cost["group"] + cost["merge"], abs=0.01
+    )
+    ratio = r["ratios"]["merged_vs_full"]
+    assert ratio["bytes_on_disk"] == pytest.approx(merged["bytes_on_disk"] / full["bytes_on_disk"], abs=1e-4)
+    assert "align + group + merge of 3 layers" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_an_unknown_router_mode(tmp_path):
+    with pytest.raises(
+        SystemExit, match="unknown router mode 'top2'; valid choices: prune, prune-logsumexp, remap"
+    ):
+        main(["--quick", "--router", "top2", "--out", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()
