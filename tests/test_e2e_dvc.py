@@ -223,7 +223,8 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path) -> None:
     runs = {r["variant"]: r for r in result["runs"]}
     assert set(runs) == set(ALL_CHOICES)
     for name, run in runs.items():
-        assert set(run["accuracy"]) == {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"}, name
+        variants = {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"}
+        assert set(run["accuracy"]) == variants | {"merged_prune", "merged_prune_logsumexp"}, name
         assert run["overrides"]["merge_seed"] == 5 and run["overrides"]["kd.train.epochs"] == 0.25
         assert result["summary"][name]["m_smoe"]["n"] == 1
     # The layer choices reached the group stage. The tiny model has SMoE layers encoder 1 and 3 and
