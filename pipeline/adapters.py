@@ -35,11 +35,21 @@ class MoEAdapter:
     model_type: str
     #: Expert matrices and the axis of each that indexes the expert's hidden neurons.
     neuron_axes: dict[str, int]
+    #: Causal LMs predict token t+1 at position t; encoder-decoders align logits with labels.
+    shift_labels: bool = False
 
     def model_class(self) -> type:
         raise NotImplementedError
 
     def config_class(self) -> type:
+        raise NotImplementedError
+
+    def config_defaults(self, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+        """Config values a model built from scratch takes from its tokenizer."""
+        raise NotImplementedError
+
+    def task_inputs(self, model: nn.Module, batch: dict) -> dict:
+        """Model inputs of a collated batch (teacher forcing on ``labels`` where the family needs it)."""
         raise NotImplementedError
 
     def sparse_layers(self, model: nn.Module) -> list[SparseLayer]:
@@ -51,6 +61,14 @@ class MoEAdapter:
     def router(self, layer: SparseLayer) -> nn.Module:
         raise NotImplementedError
 
+    def router_weight(self, layer: SparseLayer) -> torch.Tensor:
+        """The router's ``[outputs, H]`` weight."""
+        raise NotImplementedError
+
+    def routing_from_output(self, output, num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a router's forward output: ``[..., outputs]`` selection counts per token and logits."""
+        raise NotImplementedError
+
     def expert_weights(self, layer: SparseLayer, idx: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -60,6 +78,10 @@ class MoEAdapter:
     def expert_parameters(self, layer: SparseLayer, idx: int) -> dict[str, nn.Parameter]:
         """The trainable tensors behind :meth:`expert_weights`, under the same names (for gradients)."""
         raise NotImplementedError
+
+    def expert_gradients(self, layer: SparseLayer, idx: int) -> dict[str, torch.Tensor]:
+        """Gradients of expert ``idx``'s matrices after a backward pass (empty if it got no token)."""
+        return {k: p.grad for k, p in self.expert_parameters(layer, idx).items() if p.grad is not None}
 
     def expert_activations(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
         """Hidden-neuron activations ``[T, F]`` of expert ``idx`` on layer inputs ``x`` ``[T, H]``."""
@@ -88,9 +110,9 @@ class MoEAdapter:
         """Rebuild a merged layer's router from its original rows by a :class:`RouterPlan`."""
         raise NotImplementedError
 
-    def stock_num_experts(self, model: nn.Module) -> int | None:
-        """M when every SMoE layer is a plain M-expert layer that stock ``transformers`` can load
-        with ``num_experts = M``; None otherwise."""
+    def stock_config_overrides(self, model: nn.Module) -> dict | None:
+        """Config values under which stock ``transformers`` loads the model as saved (fewer experts,
+        capped top-k), when every SMoE layer is a plain layer of one size; None otherwise."""
         raise NotImplementedError
 
     def compress_layer(self, layer: SparseLayer, rank: int) -> None:
@@ -103,6 +125,11 @@ class MoEAdapter:
 
     def expert_modules(self, layer: SparseLayer) -> list[nn.Module]:
         raise NotImplementedError
+
+    def expert_param_counts(self, layer: SparseLayer) -> list[dict[str, int]]:
+        """Per expert: parameters present, parameters kept (pruned columns of S excluded), and the
+        parameters of its dense form."""
+        return [module_param_counts(e) for e in self.expert_modules(layer)]
 
     def structure(self, model: nn.Module) -> dict:
         raise NotImplementedError
@@ -130,6 +157,21 @@ def adapter_for(model_or_config) -> MoEAdapter:
             f"model type {model_type!r} is not a supported SMoE family; supported: {', '.join(ADAPTERS.names())}"
         )
     return ADAPTERS.get(model_type)
+
+
+def module_param_counts(module: nn.Module) -> dict[str, int]:
+    """Parameters of a (possibly low-rank + sparse) expert: present, kept after pruning, and dense."""
+    present = sum(p.numel() for p in module.parameters())
+    kept = dense = 0
+    for m in module.modules():
+        if isinstance(m, LowRankSparseLinear):
+            s_kept = m.s.numel() if m.compact else int(m.s_mask.sum()) * m.out_features
+            kept += m.u.numel() + m.v.numel() + s_kept
+            dense += m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            kept += m.weight.numel()
+            dense += m.weight.numel()
+    return {"present": present, "kept": kept, "dense": dense}
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -267,6 +309,21 @@ class SwitchAdapter(MoEAdapter):
 
         return SwitchTransformersSparseMLP
 
+    def config_defaults(self, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+        return {
+            "vocab_size": vocab_size,
+            "pad_token_id": pad_id,
+            "eos_token_id": eos_id,
+            "decoder_start_token_id": pad_id,
+        }
+
+    def task_inputs(self, model: nn.Module, batch: dict) -> dict:
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+        }
+
     def sparse_layers(self, model: nn.Module) -> list[SparseLayer]:
         stock = self._stock_sparse()
         layers = []
@@ -280,6 +337,13 @@ class SwitchAdapter(MoEAdapter):
 
     def router(self, layer: SparseLayer) -> nn.Module:
         return layer.module.router
+
+    def router_weight(self, layer: SparseLayer) -> torch.Tensor:
+        return layer.module.router.classifier.weight.detach()
+
+    def routing_from_output(self, output, num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dispatch, _probs, logits = output
+        return dispatch, logits
 
     def expert_modules(self, layer: SparseLayer) -> list[nn.Module]:
         return list(layer.module.experts.values())
@@ -384,7 +448,7 @@ class SwitchAdapter(MoEAdapter):
         m.expert_map = torch.tensor(exp_map, device=m.expert_map.device)
         m.router_mode = mode
 
-    def stock_num_experts(self, model: nn.Module) -> int | None:
+    def stock_config_overrides(self, model: nn.Module) -> dict | None:
         sizes = set()
         for layer in self.sparse_layers(model):
             m = layer.module
@@ -399,7 +463,7 @@ class SwitchAdapter(MoEAdapter):
                 if not plain:
                     return None
             sizes.add(self.num_experts(layer))
-        return sizes.pop() if len(sizes) == 1 else None
+        return {"num_experts": sizes.pop()} if len(sizes) == 1 else None
 
     def compress_layer(self, layer: SparseLayer, rank: int) -> None:
         if not isinstance(layer.module, MergedSwitchSparseMLP):
@@ -506,3 +570,8 @@ class SwitchAdapter(MoEAdapter):
 
 
 ADAPTERS.register(SwitchAdapter.model_type)(SwitchAdapter())
+
+# The decoder families (Mixtral, Qwen-MoE, OLMoE) live in their own module, which builds on this one.
+import pipeline.adapters_topk as adapters_topk  # noqa: E402
+
+adapters_topk.register()

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from pipeline.adapters import MoEAdapter
-from pipeline.moe import LowRankSparseLinear
 
 
 def stable_rank(matrix: torch.Tensor) -> float:
@@ -61,22 +60,9 @@ def stable_rank_change(
 
 def remaining_param_ratios(model: nn.Module, adapter: MoEAdapter) -> dict[str, list[float]]:
     """Per SMoE layer, each expert's stored parameters over its dense parameters (1.0 = uncompressed)."""
-    out = {}
-    for layer in adapter.sparse_layers(model):
-        ratios = []
-        for expert in adapter.expert_modules(layer):
-            stored = dense = 0
-            for m in expert.modules():
-                if isinstance(m, LowRankSparseLinear):
-                    stored += (
-                        m.u.numel()
-                        + m.v.numel()
-                        + (m.s.numel() if m.compact else int(m.s_mask.sum()) * m.out_features)
-                    )
-                    dense += m.in_features * m.out_features
-                elif isinstance(m, nn.Linear):
-                    stored += m.weight.numel()
-                    dense += m.weight.numel()
-            ratios.append(stored / dense if dense else 1.0)
-        out[layer.name] = ratios
-    return out
+    return {
+        layer.name: [
+            c["kept"] / c["dense"] if c["dense"] else 1.0 for c in adapter.expert_param_counts(layer)
+        ]
+        for layer in adapter.sparse_layers(model)
+    }

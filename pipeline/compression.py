@@ -33,18 +33,18 @@ def kept_ratio(
     return target + (1.0 - target) * fn(progress)
 
 
-def _is_merged(layer: SparseLayer) -> bool:
-    return hasattr(layer.module, "expert_map")
+def _is_merged(adapter: MoEAdapter, layer: SparseLayer) -> bool:
+    return adapter.merged_routing(layer) is not None
 
 
-# scope(layer) -> whether the layer's experts are compressed.
-SCOPES: Registry[Callable[[SparseLayer], bool]] = Registry("compression scope")
+# scope(adapter, layer) -> whether the layer's experts are compressed.
+SCOPES: Registry[Callable[[MoEAdapter, SparseLayer], bool]] = Registry("compression scope")
 # The paper's MC-SMoE: only the layers that were merged (its 381M of 2.0B parameters for switch-base-32
 # leave the first SMoE layer's experts whole).
 SCOPES.register("merged")(_is_merged)
 # Every SMoE layer, including one kept unmerged (group.skip_first_layer); C-SMoE uses this on the
 # unmerged model.
-SCOPES.register("all")(lambda layer: True)
+SCOPES.register("all")(lambda adapter, layer: True)
 
 
 @torch.no_grad()
@@ -65,9 +65,9 @@ def compress_model(model: nn.Module, adapter: MoEAdapter, rank: int, scope: str 
     in_scope = SCOPES.get(scope)
     report = {}
     for layer in adapter.sparse_layers(model):
-        if not in_scope(layer):
+        if not in_scope(adapter, layer):
             continue
-        was_merged = _is_merged(layer)
+        was_merged = _is_merged(adapter, layer)
         if not was_merged:
             as_identity_merged(model, adapter, layer)
         adapter.compress_layer(layer, rank)

@@ -24,14 +24,41 @@ class DataParams(_Section):
     max_source_length: int = Field(64, ge=8, le=4096)
     max_train_samples: int | None = Field(None, ge=1)
     max_dev_samples: int | None = Field(None, ge=1)
+    # Language-modelling tasks: evaluate on the first N test blocks only (null = all of them).
+    max_test_samples: int | None = Field(None, ge=1)
     tokenizer_vocab_size: int = Field(8000, ge=300, le=1_000_000)
+    # Language-modelling tasks (wikitext2): tokens per training/evaluation block, the split trained
+    # on (WikiText-2's train split is on the Hub only; offline, valid is what there is), and how many
+    # blocks at the end of that split are held out as the dev set.
+    block_size: int = Field(128, ge=8, le=32768)
+    lm_train_split: Literal["train", "valid"] = "train"
+    dev_blocks: int = Field(64, ge=1)
+    # Zero-shot multiple-choice tasks scored by log-likelihood (causal LMs), and an optional cap on
+    # examples per task (seeded subsample).
+    zero_shot_tasks: list[str] = []
+    zero_shot_max_samples: int | None = Field(None, ge=1)
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from pipeline.data import TASKS
+        from pipeline.data import LM_TASKS, TASKS
 
-        TASKS.get(v)
+        if v not in LM_TASKS:
+            try:
+                TASKS.get(v)
+            except ValueError:
+                raise ValueError(
+                    f"unknown task {v!r}; valid choices: {', '.join(sorted([*TASKS.names(), *LM_TASKS]))}"
+                ) from None
+        return v
+
+    @field_validator("zero_shot_tasks")
+    @classmethod
+    def _known_zero_shot(cls, v: list[str]) -> list[str]:
+        from pipeline.zeroshot import ZERO_SHOT_TASKS
+
+        for name in v:
+            ZERO_SHOT_TASKS.get(name)
         return v
 
 
@@ -212,6 +239,9 @@ class Params(_Section):
     seed: int = 42
     # Seed of every stage after finetune, so that ablations can vary it over one fine-tuned model.
     merge_seed: int = 42
+    # The paper's decoder setting: no training at all. finetune passes the checkpoint through and
+    # kd_finetune prunes S on its schedule from |s * grad s| without updating any weight.
+    zero_shot: bool = False
     data: DataParams = DataParams()
     model: ModelParams
     runtime: RuntimeParams = RuntimeParams()
@@ -228,10 +258,24 @@ class Params(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Params:
         cfg = self.model.config or {}
-        n_exp = cfg.get("num_experts")
-        if n_exp is not None and self.group.num_experts_avg > n_exp:
+        for key in ("num_experts", "num_local_experts"):
+            n_exp = cfg.get(key)
+            if n_exp is not None and self.group.num_experts_avg > n_exp:
+                raise ValueError(
+                    f"group.num_experts_avg={self.group.num_experts_avg} exceeds model.config.{key}={n_exp}"
+                )
+        from pipeline.adapters import ADAPTERS
+        from pipeline.data import LM_TASKS
+
+        causal = ADAPTERS.get(self.model.family).shift_labels
+        if self.model.config is not None and causal != (self.data.task in LM_TASKS):
             raise ValueError(
-                f"group.num_experts_avg={self.group.num_experts_avg} exceeds model.config.num_experts={n_exp}"
+                f"data.task={self.data.task} does not fit model.family={self.model.family}: "
+                f"causal LM families train on {', '.join(LM_TASKS)}, encoder-decoders on classification tasks"
+            )
+        if self.zero_shot and self.model.name_or_path is None:
+            raise ValueError(
+                "zero_shot: true skips training, so it needs a trained checkpoint in model.name_or_path"
             )
         if not self.profile.gradients:
             for key, value in (
@@ -242,10 +286,15 @@ class Params(_Section):
                     raise ValueError(
                         f"{key}={value} needs gradients from profiling: set profile.gradients: true"
                     )
-        dims = [cfg[k] for k in ("d_model", "d_ff") if k in cfg]
-        if dims and self.compress.rank >= min(dims):
+        dims = {
+            k: cfg[k]
+            for k in ("d_model", "d_ff", "hidden_size", "intermediate_size", "moe_intermediate_size")
+            if k in cfg
+        }
+        if dims and self.compress.rank >= min(dims.values()):
             raise ValueError(
-                f"compress.rank={self.compress.rank} must be below the expert matrix size min(d_model, d_ff)={min(dims)}"
+                f"compress.rank={self.compress.rank} must be below the expert matrix size "
+                f"min({', '.join(dims)})={min(dims.values())}"
             )
         return self
 

@@ -46,6 +46,8 @@ class TaskSpec:
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
+# Language-modelling tasks: trained and scored on blocks of raw text, not on text-to-text examples.
+LM_TASKS = ("wikitext2",)
 
 
 def _read_tsv(path: Path) -> list[dict[str, str]]:
@@ -259,6 +261,8 @@ class PreparedTask:
     metric: str
     splits: dict[str, list[dict]]
     tokenizer: object
+    objective: str = "classification"  # or "lm" (next-token prediction on text blocks)
+    zero_shot: dict[str, list] = field(default_factory=dict)  # task -> zeroshot.ChoiceExample list
 
     def label_token_ids(self) -> list[list[int]]:
         """Token ids (with EOS) of each class's target."""
@@ -276,7 +280,24 @@ def load_prepared(folder: str | Path, splits: tuple[str, ...] = ("train", "dev")
     meta = json.loads(meta_path.read_text())
     tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     data = {s: read_jsonl(folder / f"{s}.jsonl") for s in splits}
-    return PreparedTask(meta["task"], meta["label_words"], meta["metric"], data, tok)
+    zero_shot = {}
+    if (folder / "zero_shot.json").is_file():
+        from pipeline.zeroshot import ChoiceExample
+
+        raw = json.loads((folder / "zero_shot.json").read_text())
+        zero_shot = {
+            name: [ChoiceExample(tuple(e["contexts"]), tuple(e["continuations"]), e["label"]) for e in rows]
+            for name, rows in raw.items()
+        }
+    return PreparedTask(
+        meta["task"],
+        meta["label_words"],
+        meta["metric"],
+        data,
+        tok,
+        meta.get("objective", "classification"),
+        zero_shot,
+    )
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

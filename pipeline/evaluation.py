@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,9 +24,9 @@ def expert_stats(model: nn.Module) -> dict[str, int]:
     adapter = adapter_for(model)
     n_experts, n_params = 0, 0
     for layer in adapter.sparse_layers(model):
-        experts = adapter.expert_modules(layer)
-        n_experts += len(experts)
-        n_params += sum(count_unique_params(e) for e in experts)
+        counts = adapter.expert_param_counts(layer)
+        n_experts += len(counts)
+        n_params += sum(c["present"] for c in counts)
     return {"experts_total": n_experts, "expert_params": n_params}
 
 
@@ -99,38 +100,63 @@ def peak_forward_memory(model: nn.Module, forward: Callable[[], object], device:
     return {"model_memory_bytes": weights, "peak_forward_bytes": weights + activations}
 
 
+@contextmanager
+def _countable_experts(model: nn.Module):
+    """Run fused experts through transformers' eager loop while FLOPs are counted: the counter does
+    not see the grouped-matmul kernels that are the default for speed."""
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl in (None, "eager") or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(impl)
+
+
 @torch.no_grad()
 def speed_and_flops(
     model: nn.Module,
     rows: list[dict],
-    class_targets: list[list[int]],
+    class_targets: list[list[int]] | None,
     pad_id: int,
     batch_size: int,
     n_batches: int,
     device: torch.device,
     dtype: str = "float32",
 ) -> dict[str, float]:
-    """Throughput (source tokens/s) and FLOPs per sample of the scoring forward on fixed dev batches."""
+    """Throughput (input tokens/s) and FLOPs per sample of the scoring forward on fixed batches.
+
+    The scoring forward ranks ``class_targets`` (classification), or is the plain forward over the
+    tokens when ``class_targets`` is None (language modelling).
+    """
+
+    def scoring_forward(batch: dict) -> object:
+        if class_targets is None:
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return score_classes(model, batch, class_targets)
+
     model.to(device).eval()
     data = [{k: v.to(device) for k, v in b.items()} for b in batches(rows, batch_size, pad_id)][
         : n_batches + 1
     ]
     with autocast(device, dtype):
-        score_classes(model, data[0], class_targets)  # warm-up: allocations, kernel selection
+        scoring_forward(data[0])  # warm-up: allocations, kernel selection
         timed = data[1:] or data
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b in timed:
-            score_classes(model, b, class_targets)
+            scoring_forward(b)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         tokens = sum(int(b["attention_mask"].sum()) for b in timed)
         counter = FlopCounterMode(display=False)
-        with counter:
-            score_classes(model, data[0], class_targets)
-        memory = peak_forward_memory(model, lambda: score_classes(model, data[0], class_targets), device)
+        with counter, _countable_experts(model):
+            scoring_forward(data[0])
+        memory = peak_forward_memory(model, lambda: scoring_forward(data[0]), device)
     samples = sum(int(b["input_ids"].shape[0]) for b in timed)
     return {
         "tokens_per_s": tokens / elapsed,
@@ -163,4 +189,38 @@ def evaluate_variant(
         "bytes_on_disk": bytes_on_disk(folder),
     }
     out.update(speed_and_flops(model, rows, class_targets, pad_id, batch_size, speed_batches, device, dtype))
+    return out
+
+
+def evaluate_lm_variant(
+    model: nn.Module,
+    folder: Path,
+    task,
+    batch_size: int,
+    speed_batches: int,
+    device: torch.device,
+    dtype: str = "float32",
+) -> dict[str, float]:
+    """Every figure of ``metrics/evaluate.json`` for one saved causal LM: test perplexity, zero-shot
+    accuracy per task (log-likelihood ranking of the choices), size, speed and memory."""
+    from pipeline.zeroshot import perplexity, zero_shot_suite
+
+    pad_id = task.tokenizer.pad_token_id
+    test = task.splits["test"]
+    out = {f"test_{k}": v for k, v in perplexity(model, test, pad_id, batch_size, device, dtype).items()}
+    if task.zero_shot:
+        suite = zero_shot_suite(model, task.tokenizer, task.zero_shot, batch_size, device, dtype)
+        for name, res in suite.items():
+            if isinstance(res, dict):
+                out.update({f"{name}_{k}": v for k, v in res.items()})
+            else:
+                out[name] = res
+    out.update(
+        {
+            "params_total": count_unique_params(model),
+            **expert_stats(model),
+            "bytes_on_disk": bytes_on_disk(folder),
+        }
+    )
+    out.update(speed_and_flops(model, test, None, pad_id, batch_size, speed_batches, device, dtype))
     return out

@@ -40,10 +40,8 @@ def build_model(
         raise ValueError(
             f"model.config.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer ({vocab_size})"
         )
-    kwargs.setdefault("vocab_size", vocab_size)
-    kwargs.setdefault("pad_token_id", pad_id)
-    kwargs.setdefault("eos_token_id", eos_id)
-    kwargs.setdefault("decoder_start_token_id", pad_id)
+    for key, value in adapter.config_defaults(vocab_size, pad_id, eos_id).items():
+        kwargs.setdefault(key, value)
     try:
         config = adapter.config_class()(**kwargs)
     except Exception as err:  # transformers raises its own validation errors besides TypeError
@@ -178,17 +176,21 @@ def save_model(
     """Save weights (safetensors), structure, tokenizer and the resolved params that made the model."""
     folder = Path(folder)
     adapter = adapter_for(model)
-    # When every SMoE layer is a plain M-expert layer, the checkpoint says num_experts = M and loads
-    # in stock transformers; the structure file still lets this project's loader restore routing.
-    stock_m = adapter.stock_num_experts(model)
-    n_before = getattr(model.config, "num_experts", None)
-    if stock_m is not None and n_before is not None:
-        model.config.num_experts = stock_m
+    # When every SMoE layer is a plain M-expert layer, the checkpoint's config says so (M experts,
+    # top-k capped at M) and loads in stock transformers; the structure file still lets this
+    # project's loader restore routing.
+    overrides = adapter.stock_config_overrides(model) or {}
+    before = {k: getattr(model.config, k) for k in overrides if hasattr(model.config, k)}
+    for key, value in overrides.items():
+        if key in before:
+            setattr(model.config, key, value)
     try:
-        model.save_pretrained(str(folder), safe_serialization=True)
+        # Keys as the modules name them (fused experts stay fused): what this project's loader reads,
+        # and what stock transformers 5 loads too.
+        model.save_pretrained(str(folder), safe_serialization=True, save_original_format=False)
     finally:
-        if n_before is not None:
-            model.config.num_experts = n_before
+        for key, value in before.items():
+            setattr(model.config, key, value)
     structure = adapter.structure(model)
     if structure:
         (folder / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "layers": structure}, indent=1))

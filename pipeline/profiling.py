@@ -29,6 +29,8 @@ class LayerProfile:
     # Per expert and matrix: summed gradient and summed squared gradient (diagonal Fisher) of the loss.
     gradients: dict[str, torch.Tensor] | None = None
     fisher: dict[str, torch.Tensor] | None = None
+    # Tokens that reached at least one expert (the rest were dropped by capacity limits).
+    routed: int | None = None
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -58,11 +60,7 @@ def _tokens_mask(batch: dict) -> dict[str, torch.Tensor]:
 
 
 def _forward(model: nn.Module, batch: dict):
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
-    )
+    return model(**adapter_for(model).task_inputs(model, batch))
 
 
 @torch.no_grad()
@@ -76,7 +74,7 @@ def profile_routing(
 ) -> dict[str, LayerProfile]:
     """Route ``rows`` through ``model`` and record, per SMoE layer, what merging methods need.
 
-    Dispatch counts, router logits, per-expert input feature statistics and the first
+    Dispatch counts (with top-k routing, every selection counts), router logits, per-expert input feature statistics and the first
     ``max_inputs`` layer inputs, in one pass. Padding tokens (source padding, target positions
     past the label) are excluded everywhere.
     """
@@ -87,20 +85,31 @@ def profile_routing(
     model.to(device).eval()
     masks: dict[str, torch.Tensor] = {}
     acc = {
-        layer.name: {"counts": 0, "tokens": 0, "logits": [], "x": 0, "ax": 0, "x2": 0, "inputs": []}
+        layer.name: {
+            "counts": 0,
+            "tokens": 0,
+            "routed": 0,
+            "logits": [],
+            "x": 0,
+            "ax": 0,
+            "x2": 0,
+            "inputs": [],
+        }
         for layer in layers
     }
     handles = []
     for layer in layers:
+        n_out = adapter.num_experts(layer)
 
-        def hook(_mod, inputs, output, name=layer.name, stack=layer.stack):
-            dispatch, _probs, logits = output
+        def hook(_mod, inputs, output, name=layer.name, stack=layer.stack, n=n_out):
+            dispatch, logits = adapter.routing_from_output(output, n)
             keep = masks[stack].reshape(-1)
             d = dispatch.reshape(-1, dispatch.shape[-1])[keep].float()
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep].float()
             a = acc[name]
             a["counts"] += d.sum(0).cpu()
             a["tokens"] += int(keep.sum())
+            a["routed"] += int((d.sum(-1) > 0).sum())
             a["logits"].append(logits.reshape(-1, logits.shape[-1])[keep].float().cpu())
             a["x"] += (d.T @ x).cpu()
             a["ax"] += (d.T @ x.abs()).cpu()
@@ -128,6 +137,7 @@ def profile_routing(
             a["ax"],
             a["x2"],
             torch.cat(a["inputs"]),
+            routed=a["routed"],
         )
         for name, a in acc.items()
     }
@@ -153,14 +163,12 @@ def profile_gradients(
     for batch in batches(rows, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
         model.zero_grad(set_to_none=True)
-        task_loss(_forward(model, batch).logits, batch["labels"]).backward()
+        task_loss(_forward(model, batch).logits, batch["labels"], adapter.shift_labels).backward()
         for ly in layers:
             for e in range(adapter.num_experts(ly)):
-                for pname, p in adapter.expert_parameters(ly, e).items():
-                    if p.grad is None:  # the expert got no token
-                        continue
+                for pname, grad in adapter.expert_gradients(ly, e).items():
                     key = f"{e}::{pname}"
-                    g = p.grad.detach().float().cpu()
+                    g = grad.detach().float().cpu()
                     grads[ly.name][key] = grads[ly.name].get(key, 0) + g
                     fisher[ly.name][key] = fisher[ly.name].get(key, 0) + g.square()
     model.zero_grad(set_to_none=True)
@@ -188,6 +196,7 @@ def save_profile(profiles: dict[str, LayerProfile], folder: Path) -> None:
     summary = {
         name: {
             "tokens": p.tokens,
+            "routed": p.routed,
             "frequency": [round(x, 6) for x in p.frequency.tolist()],
             "has_gradients": p.gradients is not None,
         }
@@ -207,6 +216,7 @@ def load_profile(folder: Path) -> dict[str, LayerProfile]:
     out = {}
     for name, s in summary.items():
         p = LayerProfile(name, tensors[f"{name}::counts"], s["tokens"], tensors[f"{name}::router_logits"])
+        p.routed = s.get("routed")
         for field in _OPTIONAL:
             setattr(p, field, tensors.get(f"{name}::{field}"))
         for kind in ("gradients", "fisher"):

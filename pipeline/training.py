@@ -39,19 +39,24 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def seq2seq_forward(model: nn.Module, batch: dict, with_router: bool = True):
-    """Forward pass with teacher forcing on the target; returns the model output."""
-    inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
-    }
+def model_forward(model: nn.Module, batch: dict, with_router: bool = True):
+    """Forward pass on a collated batch (teacher forcing on the target); returns the model output."""
+    adapter = adapter_for(model)
+    inputs = adapter.task_inputs(model, batch)
     if with_router:
-        return adapter_for(model).forward_with_router_losses(model, **inputs)
+        return adapter.forward_with_router_losses(model, **inputs)
     return model(**inputs, output_router_logits=False)
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def aligned(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the labels they predict; a causal LM's position t predicts token t+1."""
+    if shift:
+        return logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> torch.Tensor:
+    logits, labels = aligned(logits, labels, shift)
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
@@ -69,9 +74,15 @@ def router_loss(out, z_coef: float, aux_coef: float) -> torch.Tensor:
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    shift: bool = False,
 ) -> torch.Tensor:
     """KL(teacher || student) at temperature T over target tokens, scaled by T^2 (Hinton et al.)."""
+    student_logits, _ = aligned(student_logits, labels, shift)
+    teacher_logits, labels = aligned(teacher_logits, labels, shift)
     mask = labels != -100
     s = F.log_softmax(student_logits.float()[mask] / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float()[mask] / temperature, dim=-1)
@@ -133,6 +144,52 @@ class TrainSettings:
 
 
 @dataclass
+class DevMetric:
+    """What ``train`` evaluates on the dev rows to keep its best weights."""
+
+    name: str  # e.g. "accuracy", "perplexity"
+    compute: Callable[[nn.Module], float]
+    higher_is_better: bool = True
+
+    def better(self, value: float, best: float | None) -> bool:
+        # Ties go to the later model: when pruning, later weights are the sparser ones.
+        if best is None:
+            return True
+        return value >= best if self.higher_is_better else value <= best
+
+
+def accuracy_metric(
+    rows: list[dict], class_targets: list[list[int]], pad_id: int, batch_size: int, device, dtype: str
+) -> DevMetric:
+    """Rank-classification accuracy on ``rows`` (seq2seq tasks)."""
+    return DevMetric(
+        "accuracy",
+        lambda m: evaluate_accuracy(m, rows, class_targets, pad_id, batch_size, device, dtype),
+    )
+
+
+def perplexity_metric(rows: list[dict], pad_id: int, batch_size: int, device, dtype: str) -> DevMetric:
+    """Language-model perplexity on ``rows`` (lower is better)."""
+    from pipeline.zeroshot import perplexity
+
+    return DevMetric(
+        "perplexity",
+        lambda m: perplexity(m, rows, pad_id, batch_size, device, dtype)["perplexity"],
+        higher_is_better=False,
+    )
+
+
+def dev_metric_for(task, split: str, batch_size: int, device, dtype: str) -> DevMetric:
+    """The prepared task's own dev metric: accuracy (classification) or perplexity (lm)."""
+    rows = task.splits[split]
+    if task.objective == "lm":
+        return perplexity_metric(rows, task.tokenizer.pad_token_id, batch_size, device, dtype)
+    return accuracy_metric(
+        rows, task.label_token_ids(), task.tokenizer.pad_token_id, batch_size, device, dtype
+    )
+
+
+@dataclass
 class KDSettings:
     teacher: nn.Module
     alpha: float
@@ -154,16 +211,24 @@ def train(
     eligible_from: Callable[[int], int] | None = None,
     log: Callable[[dict, int], None] | None = None,
     progress: bool = True,
+    dev_metric: DevMetric | None = None,
 ) -> dict:
-    """Fine-tune ``model`` in place and keep the weights with the best dev accuracy.
+    """Fine-tune ``model`` in place and keep the weights with the best dev score.
 
-    Loss: target cross-entropy + router z/balance losses (+ alpha * KD loss when ``kd`` is given).
+    The dev score is ``dev_metric`` when given, else rank-classification accuracy over
+    ``class_targets``.
+
+    Loss: target (or next-token) cross-entropy + router z/balance losses (+ alpha * KD loss when
+    ``kd`` is given).
     ``step_hook(step, total_steps)`` runs after each optimiser step (used for pruning);
     ``eligible_from(total_steps)`` is the first step whose weights may be kept (pruning must have
     reached its target by then). Returns a
     summary with the best dev accuracy and the per-evaluation history.
     """
     set_seed(seed)
+    if dev_metric is None:
+        dev_metric = accuracy_metric(dev_rows, class_targets, pad_id, settings.eval_batch_size, device, dtype)
+    shift = adapter_for(model).shift_labels
     model.to(device).train()
     if kd is not None:
         kd.teacher.to(device).eval()
@@ -185,7 +250,7 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     first_eligible = eligible_from(total) if eligible_from is not None else 0
-    best = {"accuracy": -1.0, "step": 0}
+    best = {"score": None, "step": 0}
     best_state = None
     history = []
     step, epoch = 0, 0
@@ -194,16 +259,16 @@ def train(
         for batch in batches(train_rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch):
             batch = _to(batch, device)
             with autocast(device, dtype):
-                out = seq2seq_forward(model, batch)
-                loss_task = task_loss(out.logits, batch["labels"])
+                out = model_forward(model, batch)
+                loss_task = task_loss(out.logits, batch["labels"], shift)
                 loss = loss_task + router_loss(
                     out, settings.router_z_loss_coef, settings.router_aux_loss_coef
                 )
                 if kd is not None and kd.alpha > 0:
                     with torch.no_grad():
-                        t_out = seq2seq_forward(kd.teacher, batch, with_router=False)
+                        t_out = model_forward(kd.teacher, batch, with_router=False)
                     loss = loss + kd.alpha * kd_loss(
-                        out.logits, t_out.logits, batch["labels"], kd.temperature
+                        out.logits, t_out.logits, batch["labels"], kd.temperature, shift
                     )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -226,16 +291,14 @@ def train(
                 )
             # The last evaluation is at the end; skip a periodic one that would fall just before it.
             if step == total or (step % eval_every == 0 and total - step >= eval_every // 2):
-                acc = evaluate_accuracy(
-                    model, dev_rows, class_targets, pad_id, settings.eval_batch_size, device, dtype
-                )
-                history.append({"step": step, "dev_accuracy": acc})
+                score = dev_metric.compute(model)
+                key = f"dev_{dev_metric.name}"
+                history.append({"step": step, key: score})
                 if log is not None:
-                    log({"dev_accuracy": acc}, step)
-                bar.write(f"step {step}/{total}: dev accuracy {acc:.4f}")
-                # Ties go to the later model: when pruning, later weights are the sparser ones.
-                if step >= first_eligible and acc >= best["accuracy"]:
-                    best = {"accuracy": acc, "step": step}
+                    log({key: score}, step)
+                bar.write(f"step {step}/{total}: dev {dev_metric.name} {score:.4f}")
+                if step >= first_eligible and dev_metric.better(score, best["score"]):
+                    best = {"score": score, "step": step}
                     best_state = copy.deepcopy(model.state_dict())
             if step >= total:
                 break
@@ -244,8 +307,53 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     return {
-        "best_dev_accuracy": best["accuracy"],
+        f"best_dev_{dev_metric.name}": best["score"],
         "best_step": best["step"],
         "total_steps": total,
         "history": history,
     }
+
+
+def prune_without_training(
+    model: nn.Module,
+    rows: list[dict],
+    pad_id: int,
+    settings: TrainSettings,
+    pruner: Callable[[int, int], None],
+    device: torch.device,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict:
+    """Run ``train``'s pruning schedule on task-loss gradients without updating any weight.
+
+    The zero-shot setting: column importance |s * grad s| comes from the loss on ``rows``, over as
+    many steps as ``settings`` would train, so the schedule is the one KD fine-tuning would follow.
+    Only the sparse parts S need gradients; everything else is frozen meanwhile to save memory.
+    """
+    set_seed(seed)
+    shift = adapter_for(model).shift_labels
+    model.to(device).eval()
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith(".s"))
+    total = max(1, int(round(settings.epochs * math.ceil(len(rows) / settings.batch_size))))
+    step, epoch = 0, 0
+    try:
+        while step < total:
+            for batch in batches(rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch):
+                batch = _to(batch, device)
+                model.zero_grad(set_to_none=True)
+                with autocast(device, dtype):
+                    out = model_forward(model, batch, with_router=False)
+                    loss = task_loss(out.logits, batch["labels"], shift)
+                loss.backward()
+                pruner(step, total)
+                step += 1
+                if step >= total:
+                    break
+            epoch += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
+    return {"total_steps": total}

@@ -14,16 +14,13 @@ from pipeline.align import align_model
 from pipeline.data import DataError, collate, load_prepared
 from pipeline.modeling import CheckpointError, atomic_dir, load_model, save_model
 from pipeline.profiling import load_profile
+from pipeline.training import model_forward
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
 
 @torch.no_grad()
 def _logits(model, batch):
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
-    ).logits
+    return model_forward(model, batch, with_router=False).logits
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,7 @@
-"""Stage evaluate: full, merged, M-SMoE, MC-SMoE and C-SMoE side by side on the dev split, in one run.
+"""Stage evaluate: full, merged, M-SMoE, MC-SMoE and C-SMoE side by side, in one run.
+
+Classification tasks are scored on their dev split; language-modelling tasks by test perplexity and
+zero-shot accuracy on the prepared multiple-choice tasks.
 
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
 with the router remapped or pruned to one output per group.
@@ -15,7 +18,7 @@ import yaml
 from pipeline.adapters import adapter_for
 from pipeline.config import flatten
 from pipeline.data import DataError, load_prepared
-from pipeline.evaluation import evaluate_variant
+from pipeline.evaluation import evaluate_lm_variant, evaluate_variant
 from pipeline.modeling import CheckpointError, load_model, resolve_device, save_model
 from pipeline.routing import router_mode_variants
 from stages.common import load, mlflow_run, parser, section, write_json
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     try:
-        task = load_prepared(args.data, splits=("dev",))
+        task = load_prepared(args.data, splits=())
+        task = load_prepared(args.data, splits=("test",) if task.objective == "lm" else ("dev",))
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
         models = {v: load_model(f) for v, f in folders.items()}
@@ -52,18 +56,23 @@ def main(argv: list[str] | None = None) -> None:
             save_model(model, folders[name])
             models[name] = model
         for v, model in models.items():
-            results[v] = evaluate_variant(
-                model,
-                folders[v],
-                task.splits["dev"],
-                task.label_token_ids(),
-                task.tokenizer.pad_token_id,
-                task.metric,
-                e.batch_size,
-                e.speed_batches,
-                device,
-                params.runtime.dtype,
-            )
+            if task.objective == "lm":
+                results[v] = evaluate_lm_variant(
+                    model, folders[v], task, e.batch_size, e.speed_batches, device, params.runtime.dtype
+                )
+            else:
+                results[v] = evaluate_variant(
+                    model,
+                    folders[v],
+                    task.splits["dev"],
+                    task.label_token_ids(),
+                    task.tokenizer.pad_token_id,
+                    task.metric,
+                    e.batch_size,
+                    e.speed_batches,
+                    device,
+                    params.runtime.dtype,
+                )
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
             run.log_metrics(results[v], prefix=f"{v}.")
         write_json(results, args.metrics)

@@ -1,4 +1,8 @@
-"""Stage finetune: build (from config) or load (checkpoint) the SMoE and fine-tune it on the task."""
+"""Stage finetune: build (from config) or load (checkpoint) the SMoE and fine-tune it on the task.
+
+Language-modelling tasks train next-token prediction; with ``zero_shot: true`` the checkpoint is
+saved as it is, untrained (the paper's decoder setting).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pipeline.modeling import (
     save_model,
     transfer_embeddings,
 )
-from pipeline.training import TrainSettings, train
+from pipeline.training import TrainSettings, dev_metric_for, train
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
 
@@ -51,30 +55,35 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     ft = params.finetune
     settings = TrainSettings(**ft.model_dump())
-    with mlflow_run(
-        params, args.params, "finetune", section(params, "seed", "model", "runtime", "finetune")
-    ) as run:
-        summary = train(
-            model,
-            task.splits["train"],
-            task.splits["dev"],
-            task.label_token_ids(),
-            tok.pad_token_id,
-            settings,
-            device,
-            params.runtime.dtype,
-            seed=params.seed,
-            log=run.log_metrics,
-        )
-        with atomic_dir(args.out) as tmp:
-            save_model(
-                model.cpu(),
-                tmp,
-                params=lineage(params, ("seed", "model", "runtime", "finetune"), args.data),
-                tokenizer=tok,
+    keys = ("seed", "zero_shot", "model", "runtime", "finetune")
+    with mlflow_run(params, args.params, "finetune", section(params, *keys)) as run:
+        dev = dev_metric_for(task, "dev", ft.eval_batch_size, device, params.runtime.dtype)
+        if params.zero_shot:
+            model.to(device)
+            summary = {
+                f"best_dev_{dev.name}": dev.compute(model),
+                "best_step": 0,
+                "total_steps": 0,
+                "history": [],
+            }
+        else:
+            summary = train(
+                model,
+                task.splits["train"],
+                task.splits["dev"],
+                task.label_token_ids() if task.objective != "lm" else [],
+                tok.pad_token_id,
+                settings,
+                device,
+                params.runtime.dtype,
+                seed=params.seed,
+                log=run.log_metrics,
+                dev_metric=dev,
             )
+        with atomic_dir(args.out) as tmp:
+            save_model(model.cpu(), tmp, params=lineage(params, keys, args.data), tokenizer=tok)
         metrics = {
-            task.metric: summary["best_dev_accuracy"],
+            task.metric: summary[f"best_dev_{dev.name}"],
             "best_step": summary["best_step"],
             "total_steps": summary["total_steps"],
             "params_total": count_unique_params(model),

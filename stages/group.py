@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         ly.name: LayerData(
             ly.name,
             profiles[ly.name].router_logits,
-            next(adapter.router(ly).parameters()).detach(),
+            adapter.router_weight(ly),
             [adapter.expert_weights(ly, e) for e in range(n_exp[ly.name])],
             seed=params.merge_seed + ly.position,
             feature_mean=profiles[ly.name].feature_mean,

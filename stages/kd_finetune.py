@@ -2,7 +2,8 @@
 
 For the compressed students (MC-SMoE, C-SMoE) the sparse parts S are pruned column-wise during
 training on the configured schedule, then stored compactly; the share of each expert's parameters
-that remains is plotted (paper Figure 5).
+that remains is plotted (paper Figure 5). With ``zero_shot: true`` nothing is trained: S is pruned on
+the same schedule from task-loss gradients alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.modeling import (
 )
 from pipeline.plots import plot_remaining_params
 from pipeline.routing import set_router_mode
-from pipeline.training import KDSettings, TrainSettings, train
+from pipeline.training import KDSettings, TrainSettings, dev_metric_for, prune_without_training, train
 from stages.common import lineage, load, mlflow_run, parser, section, write_json
 
 # The compress keys that act during KD (the rank acted in the compress stage).
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, student in students.items():
         t0 = time.time()
         compressed = name != "m_smoe"
-        keys = ("merge_seed", "runtime", "kd") + (COMPRESS_KEYS if compressed else ("merge.router",))
+        keys = ("merge_seed", "zero_shot", "runtime", "kd") + (
+            COMPRESS_KEYS if compressed else ("merge.router",)
+        )
         sections = section(params, *keys)
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
@@ -78,23 +81,41 @@ def main(argv: list[str] | None = None) -> None:
                 pruner = ColumnPruner(
                     student, c.sparse_ratio, c.warmup_frac, c.cooldown_frac, c.schedule, c.beta1, c.beta2
                 )
-            summary = train(
-                student,
-                task.splits["train"],
-                task.splits["dev"],
-                task.label_token_ids(),
-                tok.pad_token_id,
-                settings,
-                device,
-                params.runtime.dtype,
-                seed=params.merge_seed,
-                kd=KDSettings(teacher, kd.alpha, kd.temperature),
-                step_hook=pruner,
-                eligible_from=pruner.final_step if pruner else None,
-                log=run.log_metrics,
-            )
+            dev = dev_metric_for(task, "dev", settings.eval_batch_size, device, params.runtime.dtype)
+            if params.zero_shot:
+                summary = {"best_step": 0, "total_steps": 0}
+                if pruner is not None:
+                    summary = prune_without_training(
+                        student,
+                        task.splits["train"],
+                        tok.pad_token_id,
+                        settings,
+                        pruner,
+                        device,
+                        params.runtime.dtype,
+                        params.merge_seed,
+                    )
+                    summary["best_step"] = summary["total_steps"]
+                summary[f"best_dev_{dev.name}"] = dev.compute(student.to(device))
+            else:
+                summary = train(
+                    student,
+                    task.splits["train"],
+                    task.splits["dev"],
+                    task.label_token_ids() if task.objective != "lm" else [],
+                    tok.pad_token_id,
+                    settings,
+                    device,
+                    params.runtime.dtype,
+                    seed=params.merge_seed,
+                    kd=KDSettings(teacher, kd.alpha, kd.temperature),
+                    step_hook=pruner,
+                    eligible_from=pruner.final_step if pruner else None,
+                    log=run.log_metrics,
+                    dev_metric=dev,
+                )
             m = {
-                task.metric: summary["best_dev_accuracy"],
+                task.metric: summary[f"best_dev_{dev.name}"],
                 "best_step": summary["best_step"],
                 "total_steps": summary["total_steps"],
             }

@@ -1,4 +1,8 @@
-"""Stage prepare: official task files (or the Hub) -> text-to-text examples -> tokenizer + tokenized splits."""
+"""Stage prepare: official task files (or the Hub) -> tokenizer + tokenized splits.
+
+Classification tasks become text-to-text examples; language-modelling tasks (wikitext2) become
+blocks of tokens, with the zero-shot multiple-choice sets stored beside them as text.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 import time
 
 from pipeline.data import (
+    LM_TASKS,
     TASKS,
     DataError,
     load_task,
@@ -17,6 +22,7 @@ from pipeline.data import (
     write_jsonl,
 )
 from pipeline.modeling import atomic_dir
+from pipeline.zeroshot import lm_rows, load_choice_task, load_wikitext
 from stages.common import ROOT, dump_yaml, lineage, load, mlflow_run, parser, section, write_json
 
 
@@ -25,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder for the tokenizer and tokenized splits")
     args = p.parse_args(argv)
     params = load(args)
+    if params.data.task in LM_TASKS:
+        return _prepare_lm(args, params)
     d, t0 = params.data, time.time()
     try:
         splits = load_task(d.task, resolve_data_dir(d.data_dir, base=ROOT))
@@ -33,15 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     splits["train"] = subsample(splits["train"], d.max_train_samples, params.seed)
     splits["dev"] = subsample(splits["dev"], d.max_dev_samples, params.seed)
     spec = TASKS.get(d.task)
-    if params.model.name_or_path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            params.model.name_or_path, trust_remote_code=params.model.trust_remote_code
-        )
-    else:
-        texts = [e.source for e in splits["train"]] + list(spec.label_words)
-        tokenizer = train_bpe_tokenizer(texts, d.tokenizer_vocab_size, list(spec.label_words))
+    texts = [e.source for e in splits["train"]] + list(spec.label_words)
+    tokenizer = _tokenizer(params, texts, list(spec.label_words))
     with (
         mlflow_run(
             params, args.params, "prepare", section(params, "seed", "data", "model.name_or_path")
@@ -67,6 +68,83 @@ def main(argv: list[str] | None = None) -> None:
         }
         (tmp / "task.json").write_text(json.dumps(meta, indent=1))
         (tmp / "params.yaml").write_text(dump_yaml(lineage(params, ("seed", "data", "model.name_or_path"))))
+        metrics["seconds"] = round(time.time() - t0, 1)
+        run.log_metrics(metrics)
+        write_json(metrics, args.metrics)
+
+
+def _tokenizer(params, texts: list[str], extra: list[str]):
+    if params.model.name_or_path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            params.model.name_or_path, trust_remote_code=params.model.trust_remote_code
+        )
+    return train_bpe_tokenizer(texts, params.data.tokenizer_vocab_size, extra)
+
+
+def _prepare_lm(args, params) -> None:
+    d, t0 = params.data, time.time()
+    data_dir = resolve_data_dir(d.data_dir, base=ROOT)
+    try:
+        train_text = load_wikitext(data_dir, d.lm_train_split)
+        test_text = load_wikitext(data_dir, "test")
+        zero_shot = {
+            name: load_choice_task(name, data_dir, d.zero_shot_max_samples, params.seed)
+            for name in d.zero_shot_tasks
+        }
+        tokenizer = _tokenizer(params, train_text.splitlines(), [])
+        blocks = lm_rows(tokenizer, train_text, d.block_size)
+        if len(blocks) <= d.dev_blocks:
+            raise DataError(
+                f"wikitext-2 {d.lm_train_split} gives {len(blocks)} blocks of {d.block_size} tokens: "
+                f"too few to hold out data.dev_blocks={d.dev_blocks} for dev"
+            )
+        # The dev blocks are the split's last ones, so they never overlap the training text.
+        splits = {
+            "train": subsample(blocks[: -d.dev_blocks], d.max_train_samples, params.seed),
+            "dev": subsample(blocks[-d.dev_blocks :], d.max_dev_samples, params.seed),
+            "test": lm_rows(tokenizer, test_text, d.block_size, d.max_test_samples),
+        }
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    keys = ("seed", "data", "model.name_or_path")
+    with (
+        mlflow_run(params, args.params, "prepare", section(params, *keys)) as run,
+        atomic_dir(args.out) as tmp,
+    ):
+        metrics = {"vocab_size": len(tokenizer), "block_size": d.block_size}
+        for name, rows in splits.items():
+            write_jsonl(rows, tmp / f"{name}.jsonl")
+            metrics[f"{name}_blocks"] = len(rows)
+        (tmp / "zero_shot.json").write_text(
+            json.dumps(
+                {
+                    name: [
+                        {
+                            "contexts": list(e.contexts),
+                            "continuations": list(e.continuations),
+                            "label": e.label,
+                        }
+                        for e in examples
+                    ]
+                    for name, examples in zero_shot.items()
+                }
+            )
+        )
+        for name, examples in zero_shot.items():
+            metrics[f"zero_shot_{name}_examples"] = len(examples)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {
+            "task": d.task,
+            "objective": "lm",
+            "label_words": [],
+            "metric": "perplexity",
+            "splits": sorted(splits),
+            "train_split": d.lm_train_split,
+        }
+        (tmp / "task.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "params.yaml").write_text(dump_yaml(lineage(params, keys)))
         metrics["seconds"] = round(time.time() - t0, 1)
         run.log_metrics(metrics)
         write_json(metrics, args.metrics)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max_frequency": round(float(f.max()), 4),
                 "min_frequency": round(float(f.min()), 4),
                 "unused_experts": int((prof.counts == 0).sum()),
-                "dropped_tokens": prof.tokens - int(prof.counts.sum()),
+                "dropped_tokens": prof.tokens - prof.routed,
             }
         run.log_metrics(metrics)
         write_json(metrics, args.metrics)

@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.align import ALIGNERS
 from pipeline.config import ParamsError, flatten, load_params, parse_params
-from pipeline.data import TASKS
+from pipeline.data import LM_TASKS, TASKS
 from pipeline.grouping import SIMILARITIES
 from pipeline.merging import MERGE_STRATEGIES
 
@@ -87,7 +87,11 @@ def _choices(names) -> str:
             "zip",
             "align.method: unknown alignment method 'zip'; " + _choices(ALIGNERS.names()),
         ),
-        ("data.task", "imagenet", "data.task: unknown task 'imagenet'; " + _choices(TASKS.names())),
+        (
+            "data.task",
+            "imagenet",
+            "data.task: unknown task 'imagenet'; " + _choices([*TASKS.names(), *LM_TASKS]),
+        ),
         ("compress.schedule", "exp", "compress.schedule: unknown pruning schedule 'exp'"),
         ("model.family", "bert", "model.family: unknown model family 'bert'"),
         ("align.reference", "last", "align.reference: "),
@@ -140,23 +144,33 @@ def test_flatten_uses_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
 
 
-def _dvc_params_keys() -> list[tuple[str, str]]:
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+# Each pipeline and the params file its stages read (paths from the repository root).
+PIPELINES = {"dvc.yaml": "params.yaml", "llm/dvc.yaml": "llm/params.yaml"}
+
+
+def _dvc_params_keys(dvc_file: str) -> list[tuple[str, str]]:
+    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
     keys = []
     for name, stage in dvc["stages"].items():
         for entry in stage.get("params", []):
             if isinstance(entry, dict):  # {file: [keys]} form
                 for file, ks in entry.items():
-                    assert file == "params.yaml", f"stage {name} reads params from {file}"
+                    assert file == PIPELINES[dvc_file], f"stage {name} reads params from {file}"
                     keys += [(name, k) for k in ks or []]
             else:
                 keys.append((name, entry))
     return keys
 
 
-def test_every_dvc_params_key_exists():
-    params = _default()
-    keys = _dvc_params_keys()
+@pytest.mark.parametrize("dvc_file", PIPELINES)
+def test_pipeline_params_validate(dvc_file):
+    load_params(ROOT / PIPELINES[dvc_file])
+
+
+@pytest.mark.parametrize("dvc_file", PIPELINES)
+def test_every_dvc_params_key_exists(dvc_file):
+    params = yaml.safe_load((ROOT / PIPELINES[dvc_file]).read_text())
+    keys = _dvc_params_keys(dvc_file)
     assert keys
     for name, key in keys:
         node = params
@@ -167,8 +181,9 @@ def test_every_dvc_params_key_exists():
             node = node[part]
 
 
-def test_every_dvc_dep_exists():
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+@pytest.mark.parametrize("dvc_file", PIPELINES)
+def test_every_dvc_dep_exists(dvc_file):
+    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
     outs = {o for s in dvc["stages"].values() for o in s.get("outs", [])}
     for name, stage in dvc["stages"].items():
         for dep in stage["deps"]:
@@ -187,10 +202,11 @@ def _project_imports(module: str) -> set[str]:
     return found
 
 
-def test_every_stage_lists_the_library_modules_it_imports():
+@pytest.mark.parametrize("dvc_file", PIPELINES)
+def test_every_stage_lists_the_library_modules_it_imports(dvc_file):
     # pipeline.config is the params schema, shared by every stage; its registry look-ups only
     # validate names, so it is not followed (else any schema edit would re-run every stage).
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
     for name, stage in dvc["stages"].items():
         seen, todo = set(), [f"stages.{name}"]
         while todo:

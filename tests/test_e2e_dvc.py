@@ -54,7 +54,8 @@ def _dvc(repo: Path, *args: str) -> str:
 
 
 def _ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w-]+)'", log))
+    # Stages of a dvc.yaml outside the root are reported as 'llm/dvc.yaml:stage'.
+    return set(re.findall(r"Running stage '(?:[\w/.-]+:)?([\w-]+)'", log))
 
 
 def _deep_update(base: dict, over: dict) -> dict:
@@ -242,3 +243,57 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path) -> None:
     # A second call finds every result and runs nothing.
     res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "0 runs to do (7 reused)" in res.stdout
+
+
+LLM_VARIANT_KEYS = {
+    "test_perplexity",
+    "mean_accuracy",
+    "copa_accuracy",
+    "winogrande_accuracy",
+    "openbookqa_accuracy",
+    "mrpc_accuracy",
+    "expert_params",
+    "bytes_on_disk",
+    "gflops_per_sample",
+    "tokens_per_s",
+}
+
+
+def tiny_llm_params() -> dict:
+    params = yaml.safe_load((ROOT / "llm" / "params.yaml").read_text())
+    return _deep_update(params, yaml.safe_load((ROOT / "tests" / "tiny_llm_params.yaml").read_text()))
+
+
+def test_decoder_pipeline_repro_and_partial_rerun(repo: Path) -> None:
+    (repo / "llm").mkdir(exist_ok=True)
+    shutil.copy2(ROOT / "llm" / "dvc.yaml", repo / "llm" / "dvc.yaml")
+    params = tiny_llm_params()
+    (repo / "llm" / "params.yaml").write_text(yaml.safe_dump(params))
+    log = _dvc(repo, "repro", "llm/dvc.yaml")
+    assert _ran(log) == set(STAGES)
+    metrics = json.loads((repo / "metrics" / "llm" / "evaluate.json").read_text())
+    assert set(metrics) == {
+        "full",
+        "merged",
+        "merged_prune",
+        "merged_prune_logsumexp",
+        "m_smoe",
+        "mc_smoe",
+        "c_smoe",
+    }
+    for name, m in metrics.items():
+        assert set(m) >= LLM_VARIANT_KEYS, name
+        assert 1.0 < m["test_perplexity"] < 10 * 400, name  # below the vocabulary size: it learned something
+        assert 0.0 <= m["mean_accuracy"] <= 1.0
+    full, mc = metrics["full"], metrics["mc_smoe"]
+    assert metrics["merged"]["experts_total"] < full["experts_total"]
+    assert mc["expert_params"] < metrics["m_smoe"]["expert_params"] < full["expert_params"]
+    assert mc["bytes_on_disk"] < full["bytes_on_disk"]
+    for stage in STAGES:
+        assert (repo / "metrics" / "llm" / f"{stage}.json").is_file(), stage
+    saved = yaml.safe_load((repo / "llm" / "models" / "mc_smoe" / "params.yaml").read_text())
+    assert saved["model"]["family"] == "mixtral" and saved["data"]["task"] == "wikitext2"
+    # The root pipeline's stages are not this pipeline's: changing llm/params.yaml re-runs only llm stages.
+    params["merge"]["strategy"] = "uniform"
+    (repo / "llm" / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _ran(_dvc(repo, "repro", "llm/dvc.yaml")) == {"merge", "compress", "kd_finetune", "evaluate"}

@@ -147,7 +147,8 @@ def test_wrong_model_type(tmp_path):
         )
     ).save_pretrained(str(tmp_path))
     with pytest.raises(
-        ModelStructureError, match="'bert' is not a supported SMoE family; supported: switch_transformers"
+        ModelStructureError,
+        match="'bert' is not a supported SMoE family; supported: mixtral, olmoe, qwen2_moe, qwen3_moe, switch_transformers",
     ):
         load_model(tmp_path)
 

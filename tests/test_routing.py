@@ -15,7 +15,7 @@ from pipeline.modeling import STRUCTURE_FILE, count_unique_params, load_model, s
 from pipeline.moe import LowRankSparseLinear
 from pipeline.registry import UnknownChoiceError
 from pipeline.routing import ROUTER_MODES, set_router_mode
-from pipeline.training import seq2seq_forward
+from pipeline.training import model_forward
 from tests.conftest import N_EXPERTS, TINY, logits, profiles_for
 
 # Groups of each SMoE layer, dominant first. Uneven sizes so that routing mistakes show.
@@ -110,7 +110,7 @@ def test_uniform_pruned_model_saved_compact_loads_in_stock_transformers(tiny_mod
 
     adapter = _merge(tiny_model, {0: UNIFORM, 1: UNIFORM, 2: UNIFORM})
     set_router_mode(tiny_model, adapter, "prune")
-    assert adapter.stock_num_experts(tiny_model) == 2
+    assert adapter.stock_config_overrides(tiny_model) == {"num_experts": 2}
     expected = logits(tiny_model, batch)
     save_model(tiny_model, tmp_path / "m")
     stock = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "m")).eval()
@@ -142,7 +142,7 @@ def load_model_like(model):
 def test_uneven_merges_reload_with_the_project_loader(tiny_model, batch, tmp_path, mode):
     adapter = _merge(tiny_model, UNEVEN)
     set_router_mode(tiny_model, adapter, mode)
-    assert adapter.stock_num_experts(tiny_model) is None
+    assert adapter.stock_config_overrides(tiny_model) is None
     expected = logits(tiny_model, batch)
     save_model(tiny_model, tmp_path / "m")
     assert (tmp_path / STRUCTURE_FILE).exists() or (tmp_path / "m" / STRUCTURE_FILE).is_file()
@@ -201,7 +201,7 @@ def test_router_losses_when_merged_layers_have_different_router_widths(tiny_mode
     adapter = _merge(tiny_model, {1: UNEVEN[1], 2: UNIFORM})  # widths 8, 3 and 2
     set_router_mode(tiny_model, adapter, "prune-logsumexp")
     tiny_model.train()
-    out = seq2seq_forward(tiny_model, batch)
+    out = model_forward(tiny_model, batch)
     for name in ("encoder_z_loss", "encoder_aux_loss", "decoder_z_loss", "decoder_aux_loss"):
         assert torch.isfinite(getattr(out, name)) and getattr(out, name) > 0
     (out.encoder_aux_loss + out.encoder_z_loss).backward()
@@ -210,13 +210,13 @@ def test_router_losses_when_merged_layers_have_different_router_widths(tiny_mode
 
 
 def test_router_losses_of_equal_width_layers_are_the_stock_ones(tiny_model, batch):
-    stock = seq2seq_forward(tiny_model, batch)
+    stock = model_forward(tiny_model, batch)
     # Force the per-layer path: the z-loss (a mean over tokens) must not change.
     adapter = adapter_for(tiny_model)
     for ly in adapter.sparse_layers(tiny_model):
         as_identity_merged(tiny_model, adapter, ly)
     set_router_mode(tiny_model, adapter, "prune-logsumexp")  # identity groups: same logits
-    ours = seq2seq_forward(tiny_model, batch)
+    ours = model_forward(tiny_model, batch)
     assert torch.allclose(ours.encoder_z_loss, stock.encoder_z_loss, atol=1e-6)
     assert torch.allclose(ours.decoder_z_loss, stock.decoder_z_loss, atol=1e-6)
     assert torch.allclose(ours.logits, stock.logits, atol=1e-5)

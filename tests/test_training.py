@@ -10,9 +10,9 @@ from pipeline.training import (
     TrainSettings,
     evaluate_accuracy,
     kd_loss,
+    model_forward,
     router_loss,
     score_classes,
-    seq2seq_forward,
     task_loss,
     train,
 )
@@ -67,7 +67,7 @@ def test_task_loss_ignores_padding():
 
 def test_router_loss_weights_the_switch_losses(tiny_model, batch):
     with torch.no_grad():
-        out = seq2seq_forward(tiny_model, batch)
+        out = model_forward(tiny_model, batch)
     z = float(out.encoder_z_loss + out.decoder_z_loss)
     aux = float(out.encoder_aux_loss + out.decoder_aux_loss)
     assert z > 0 and aux > 0
@@ -84,7 +84,7 @@ def test_a_few_steps_lower_the_loss(tiny_model, rows):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2)
 
     def loss():
-        out = seq2seq_forward(tiny_model, b)
+        out = model_forward(tiny_model, b)
         return task_loss(out.logits, b["labels"]) + router_loss(out, 1e-3, 1e-3)
 
     first = float(loss().detach())
