@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro ablations benchmark mlflow-ui clean
+.PHONY: setup test test-fast lint format repro repro-llm ablations benchmark mlflow-ui clean
 
 setup:
 	python3 -m venv .venv
@@ -30,6 +30,10 @@ format:
 repro:
 	$(PY) -m dvc repro
 
+# The decoder default: a small Mixtral-family SMoE, WikiText-2 LM + zero-shot (llm/params.yaml).
+repro-llm:
+	$(PY) -m dvc repro llm/dvc.yaml
+
 # Every variant of ablations.yaml x seed as `dvc exp run --temp`; commit code changes first.
 # ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.
 ablations: repro
@@ -43,4 +47,4 @@ mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:
-	rm -rf data/prepared models profile groups
+	rm -rf data/prepared models profile groups llm/data llm/models llm/profile llm/groups
