@@ -141,7 +141,7 @@ class MoEAdapter:
         """Reorder expert ``idx``'s hidden neurons (the function it computes is unchanged)."""
         w = self.expert_weights(layer, idx)
         self.set_expert_weights(
-            layer, idx, {k: v.index_select(self.neuron_axes[k], perm) for k, v in w.items()}
+            layer, idx, {k: v.index_select(self.neuron_axes[k], perm.to(v.device)) for k, v in w.items()}
         )
 
 

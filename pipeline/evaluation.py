@@ -101,18 +101,22 @@ def peak_forward_memory(model: nn.Module, forward: Callable[[], object], device:
 
 
 @contextmanager
-def _countable_experts(model: nn.Module):
-    """Run fused experts through transformers' eager loop while FLOPs are counted: the counter does
-    not see the grouped-matmul kernels that are the default for speed."""
-    impl = getattr(model.config, "_experts_implementation", None)
-    if impl in (None, "eager") or not hasattr(model, "set_experts_implementation"):
-        yield
-        return
-    model.set_experts_implementation("eager")
+def _countable(model: nn.Module):
+    """Run experts and attention through transformers' eager code while FLOPs are counted: the
+    counter does not see the grouped-matmul expert kernels that are the default for speed, and
+    rejects fused attention with grouped key/value heads on CUDA."""
+    restore = []
+    for kind in ("experts", "attn"):
+        impl = getattr(model.config, f"_{kind}_implementation", None)
+        setter = getattr(model, f"set_{kind}_implementation", None)
+        if impl not in (None, "eager") and setter is not None:
+            setter("eager")
+            restore.append((setter, impl))
     try:
         yield
     finally:
-        model.set_experts_implementation(impl)
+        for setter, impl in restore:
+            setter(impl)
 
 
 @torch.no_grad()
@@ -154,7 +158,7 @@ def speed_and_flops(
         elapsed = time.perf_counter() - t0
         tokens = sum(int(b["attention_mask"].sum()) for b in timed)
         counter = FlopCounterMode(display=False)
-        with counter, _countable_experts(model):
+        with counter, _countable(model):
             scoring_forward(data[0])
         memory = peak_forward_memory(model, lambda: scoring_forward(data[0]), device)
     samples = sum(int(b["input_ids"].shape[0]) for b in timed)

@@ -69,7 +69,7 @@ def merge_expert_weights(
         acc = torch.zeros(ref.shape, dtype=acc_dtype, device=ref.device)
         for i, e in enumerate(experts):
             if isinstance(coeffs, dict):
-                acc.add_(e[k].to(acc_dtype) * c[i].to(acc_dtype))
+                acc.add_(e[k].to(acc_dtype) * c[i].to(acc.device, acc_dtype))
             else:
                 acc.add_(e[k].to(acc_dtype), alpha=float(c[i]))
         out[k] = acc.to(ref.dtype)

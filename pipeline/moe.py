@@ -40,7 +40,7 @@ class LowRankSparseLinear(nn.Module):
         w = weight.detach().float()
         u, sig, vh = torch.linalg.svd(w, full_matrices=False)
         root = sig[:rank].sqrt()
-        mod = cls(in_f, out_f, rank)
+        mod = cls(in_f, out_f, rank).to(w.device)
         with torch.no_grad():
             mod.u.copy_(u[:, :rank] * root)
             mod.v.copy_(root[:, None] * vh[:rank])
