@@ -153,6 +153,15 @@ class ColumnPruner:
             m.s_mask.copy_(mask)
             m.s.mul_(mask.to(m.s.dtype))
 
+    def state_dict(self) -> dict:
+        """The smoothed importances (the masks live in the model), for resumable training."""
+        return {"ipt": list(self.ipt), "unc": list(self.unc), "last_ratio": self.last_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        for own, saved in zip(self.ipt + self.unc, state["ipt"] + state["unc"], strict=True):
+            own.copy_(saved)
+        self.last_ratio = state["last_ratio"]
+
     def kept_fraction(self) -> float:
         return sum(int(m.s_mask.sum()) * m.out_features for m in self.modules) / self.total_entries
 

@@ -230,6 +230,15 @@ class EvaluateParams(_Section):
     speed_batches: int = Field(8, ge=1)
 
 
+class CheckpointParams(_Section):
+    # Fine-tuning and KD save their whole state every N optimiser steps (0: never), beside their
+    # output folder, and delete it once the output is written.
+    every_steps: int = Field(200, ge=0)
+    # Continue an interrupted fine-tuning or KD run from its checkpoint (when it was made by the
+    # same params and inputs) instead of starting over.
+    resume: bool = False
+
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "mc-smoe"
@@ -253,6 +262,7 @@ class Params(_Section):
     compress: CompressParams = CompressParams()
     kd: KDParams = KDParams()
     evaluate: EvaluateParams = EvaluateParams()
+    checkpoints: CheckpointParams = CheckpointParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")
@@ -302,11 +312,12 @@ class Params(_Section):
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
+        # Checks across sections name their keys in the message itself.
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
     return "invalid params:\n" + "\n".join(lines)
 
 
@@ -328,7 +339,10 @@ def load_params(path: str | Path) -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"{path} is not valid YAML: {problem}{where}") from None
     return parse_params(raw)
 
 

@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -242,11 +243,36 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(r, separators=(",", ":")) + "\n")
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file an earlier stage wrote; a missing or corrupt one is named, with the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing {what} {path}; run the stage that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{path}: {what} is not valid JSON ({err}); run the stage that writes it again"
+        ) from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"missing tokenized split {path}; run the prepare stage first")
+    rows = []
     with path.open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({err}); run the prepare stage again"
+                ) from None
+            if not isinstance(row, dict) or "input_ids" not in row:
+                raise DataError(f"{path}:{lineno}: expected a tokenized example with input_ids")
+            rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no examples")
     return rows
@@ -277,8 +303,11 @@ def load_prepared(folder: str | Path, splits: tuple[str, ...] = ("train", "dev")
     meta_path = folder / "task.json"
     if not meta_path.is_file():
         raise DataError(f"{folder} is not a prepared task folder (no task.json); run the prepare stage first")
-    meta = json.loads(meta_path.read_text())
-    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    meta = read_json(meta_path, "task description")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{folder}: cannot load its tokenizer ({err}); run the prepare stage again") from None
     data = {s: read_jsonl(folder / f"{s}.jsonl") for s in splits}
     zero_shot = {}
     if (folder / "zero_shot.json").is_file():

@@ -205,9 +205,14 @@ def group_experts(
 
 def validate_groups(groups: dict, num_experts: dict[str, int]) -> None:
     """Every expert of every layer in exactly one group."""
+    if not isinstance(groups, dict) or not isinstance(groups.get("layers"), dict):
+        raise ValueError("groups file has no 'layers' mapping; run the group stage again")
     for name, n in num_experts.items():
         if name not in groups["layers"]:
             raise ValueError(f"groups miss layer {name}")
-        members = sorted(e for g in groups["layers"][name]["groups"] for e in g)
+        try:
+            members = sorted(int(e) for g in groups["layers"][name]["groups"] for e in g)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"groups of {name} are not a list of lists of expert indices") from None
         if members != list(range(n)):
             raise ValueError(f"groups of {name} do not cover experts 0..{n - 1} exactly once: {members}")

@@ -65,6 +65,15 @@ def _require_sparse(model: nn.Module) -> None:
         )
 
 
+def _custom_code(path: Path) -> str | None:
+    """The modules a local checkpoint's config asks to import (``auto_map``), if any."""
+    try:
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ", ".join(sorted({str(v) for v in auto_map.values()})) or None
+
+
 def _has_weights(path: Path) -> bool:
     return any((path / f).is_file() for f in WEIGHT_FILES)
 
@@ -93,6 +102,13 @@ def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        code = _custom_code(path) if not trust_remote_code else None
+        if code:
+            raise CheckpointError(
+                f"{name_or_path} needs its own Python code to load ({code}); it is not run unless "
+                "model.trust_remote_code is true. Supported families load without it: "
+                f"{', '.join(ADAPTERS.names())}"
+            ) from None
         raise CheckpointError(f"cannot read the config of {name_or_path}: {err}") from None
     adapter = adapter_for(config)
     structure_path = path / STRUCTURE_FILE
@@ -154,6 +170,9 @@ def atomic_dir(target: str | Path):
     """Yield a temporary sibling folder; it replaces ``target`` only if the block completes."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed outright (SIGKILL, power loss) cannot clean up after itself; the next one does.
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

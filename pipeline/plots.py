@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    # A stage killed while drawing must not leave a truncated PNG that looks finished.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _short(name: str) -> str:
@@ -34,8 +44,7 @@ def plot_expert_usage(frequencies: dict[str, torch.Tensor], path: Path) -> None:
     ax.set_title("Expert usage frequency (profiled tokens)")
     fig.colorbar(im, ax=ax, label="share of the layer's tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_groups(groups: dict, path: Path) -> None:
@@ -61,8 +70,7 @@ def plot_groups(groups: dict, path: Path) -> None:
     ax.set_xlabel("expert (number = its group; black box = dominant expert)")
     ax.set_title(f"Expert groups ({groups.get('similarity', '')}, {groups.get('ratio', '')})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_stable_rank_change(change: dict[str, dict], path: Path) -> None:
@@ -77,8 +85,7 @@ def plot_stable_rank_change(change: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("stable rank change (%)")
     ax.set_title("Dominant experts' stable rank: change by merging")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_remaining_params(ratios: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -111,5 +118,4 @@ def plot_remaining_params(ratios: dict[str, dict[str, list[float]]], path: Path)
         ax.set_title(f"{v}: remaining parameters per expert (%)")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)

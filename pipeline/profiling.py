@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.adapters import adapter_for
-from pipeline.data import batches
+from pipeline.data import DataError, batches, read_json
 
 
 @dataclass
@@ -205,14 +205,23 @@ def save_profile(profiles: dict[str, LayerProfile], folder: Path) -> None:
     (folder / "profile.json").write_text(json.dumps(summary, indent=1))
 
 
-def load_profile(folder: Path) -> dict[str, LayerProfile]:
+def load_profile(folder: Path, model: nn.Module | None = None) -> dict[str, LayerProfile]:
+    """Read a saved profile; with ``model``, check that it profiles every SMoE layer of that model."""
     summary_path = folder / "profile.json"
     if not summary_path.is_file():
         raise FileNotFoundError(
             f"{folder} holds no routing profile (profile.json); run the profile stage first"
         )
-    summary = json.loads(summary_path.read_text())
-    tensors = load_file(str(folder / "profile.safetensors"))
+    summary = read_json(summary_path, "routing profile summary")
+    try:
+        tensors = load_file(str(folder / "profile.safetensors"))
+    except Exception as err:  # safetensors raises its own error type for corrupt files
+        raise DataError(
+            f"{folder}: cannot read profile.safetensors ({err}); run the profile stage again"
+        ) from None
+    missing = [n for n in summary if f"{n}::counts" not in tensors or f"{n}::router_logits" not in tensors]
+    if missing:
+        raise DataError(f"{folder}: profile.safetensors lacks layers {missing}; run the profile stage again")
     out = {}
     for name, s in summary.items():
         p = LayerProfile(name, tensors[f"{name}::counts"], s["tokens"], tensors[f"{name}::router_logits"])
@@ -224,4 +233,12 @@ def load_profile(folder: Path) -> dict[str, LayerProfile]:
             found = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
             setattr(p, kind, found or None)
         out[name] = p
+    if model is not None:
+        layers = [ly.name for ly in adapter_for(model).sparse_layers(model)]
+        lacking = [n for n in layers if n not in out]
+        if lacking:
+            raise DataError(
+                f"{folder}: the routing profile does not match the model: it lacks SMoE layers "
+                f"{lacking[:4]}{' ...' if len(lacking) > 4 else ''}; profile this model again"
+            )
     return out

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.adapters import adapter_for
+from pipeline.checkpointing import Checkpointing, rng_state, set_rng_state
 from pipeline.data import batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -212,6 +213,7 @@ def train(
     log: Callable[[dict, int], None] | None = None,
     progress: bool = True,
     dev_metric: DevMetric | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> dict:
     """Fine-tune ``model`` in place and keep the weights with the best dev score.
 
@@ -224,6 +226,11 @@ def train(
     ``eligible_from(total_steps)`` is the first step whose weights may be kept (pruning must have
     reached its target by then). Returns a
     summary with the best dev accuracy and the per-evaluation history.
+
+    With ``checkpointing``, the whole state (weights, optimiser, schedule, best weights, history,
+    the step hook's state, random generators and the position in the data) is saved every
+    ``every_steps`` steps; a resumed run continues exactly where the saved one stood, so it ends
+    with the same weights as an uninterrupted one.
     """
     set_seed(seed)
     if dev_metric is None:
@@ -253,10 +260,23 @@ def train(
     best = {"score": None, "step": 0}
     best_state = None
     history = []
-    step, epoch = 0, 0
-    bar = tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True)
+    step, epoch, skip = 0, 0, 0
+    saved = checkpointing.load(total) if checkpointing is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        if step_hook is not None and hasattr(step_hook, "load_state_dict"):
+            step_hook.load_state_dict(saved["step_hook"])
+        best, best_state, history = saved["best"], saved["best_model"], saved["history"]
+        step, epoch, skip = saved["step"], saved["epoch"], saved["batches_done"]
+        set_rng_state(saved["rng"])
+    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     while step < total:
-        for batch in batches(train_rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch):
+        epoch_batches = batches(train_rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch)
+        for batch_index, batch in enumerate(epoch_batches):
+            if batch_index < skip:  # already trained on before the run was interrupted
+                continue
             batch = _to(batch, device)
             with autocast(device, dtype):
                 out = model_forward(model, batch)
@@ -300,9 +320,26 @@ def train(
                 if step >= first_eligible and dev_metric.better(score, best["score"]):
                     best = {"score": score, "step": step}
                     best_state = copy.deepcopy(model.state_dict())
+            if checkpointing is not None and checkpointing.due(step, total):
+                checkpointing.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "step_hook": step_hook.state_dict() if hasattr(step_hook, "state_dict") else {},
+                        "best": best,
+                        "best_model": best_state,
+                        "history": history,
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_done": batch_index + 1,
+                        "total_steps": total,
+                        "rng": rng_state(),
+                    }
+                )
             if step >= total:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

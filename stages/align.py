@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -11,11 +10,11 @@ import torch
 
 from pipeline.adapters import adapter_for
 from pipeline.align import align_model
-from pipeline.data import DataError, collate, load_prepared
-from pipeline.modeling import CheckpointError, atomic_dir, load_model, save_model
+from pipeline.data import collate, load_prepared
+from pipeline.modeling import atomic_dir, load_model, save_model
 from pipeline.profiling import load_profile
 from pipeline.training import model_forward
-from stages.common import lineage, load, mlflow_run, parser, section, write_json
+from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 
 @torch.no_grad()
@@ -32,12 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
-    try:
+    with stop_on_bad_input():
         task = load_prepared(args.data, splits=("dev",))
         model = load_model(args.model)
-        profiles = load_profile(Path(args.profile))
-    except (DataError, CheckpointError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        profiles = load_profile(Path(args.profile), model)
     check = collate(
         random.Random(params.merge_seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),
         task.tokenizer.pad_token_id,

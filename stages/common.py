@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -16,7 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.adapters import ModelStructureError
+from pipeline.checkpointing import Checkpointing, TrainingCheckpointError, folder_digest
 from pipeline.config import Params, ParamsError, flatten, load_params
+from pipeline.data import DataError
+from pipeline.modeling import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,8 +33,38 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# What the library raises for bad input: a missing, corrupt or unsupported file or checkpoint, or a
+# value it cannot work with. Anything else is a bug and keeps its traceback.
+BAD_INPUT = (
+    DataError,
+    CheckpointError,
+    ModelStructureError,
+    TrainingCheckpointError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+@contextmanager
+def stop_on_bad_input(*errors: type[Exception]):
+    """Turn bad input found by the library (``errors``, default BAD_INPUT) into one line naming the
+    problem, and exit status 1."""
+    caught = errors or BAD_INPUT
+    try:
+        yield
+    except caught as err:
+        sys.exit(f"error: {err}")
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    # Unwinding (rather than dying at once) lets temporary output folders be removed and the MLflow
+    # run be marked failed; the training checkpoint stays for a resume.
+    raise SystemExit(f"error: stopped by signal {signal.Signals(signum).name} before the stage completed")
+
+
 def load(args: argparse.Namespace) -> Params:
     """Validate params once, before any work; a bad file stops the stage with the key paths at fault."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         params = load_params(args.params)
     except ParamsError as err:
@@ -150,3 +185,16 @@ def lineage(params: Params, sections: tuple[str, ...], *upstream: str | Path) ->
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
+
+
+def checkpointing(params: Params, out: str | Path, made_by: dict, *inputs: str | Path) -> Checkpointing:
+    """Training checkpoints of the stage writing ``out``, in a hidden folder beside it.
+
+    Its fingerprint covers the params that made the run (``made_by``) and the bytes of its input
+    folders, so a checkpoint is only resumed by the very run that wrote it.
+    """
+    out = Path(out)
+    digest = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=str).encode())
+    digest.update(folder_digest(*(p for p in inputs if Path(p).exists())).encode())
+    c = params.checkpoints
+    return Checkpointing(out.parent / f".{out.name}.ckpt", c.every_steps, c.resume, digest.hexdigest())

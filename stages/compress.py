@@ -6,15 +6,14 @@ the full model without merging (every expert; paper Table 7). Both are pruned du
 
 from __future__ import annotations
 
-import sys
 import time
 
 from pipeline.adapters import adapter_for
 from pipeline.compression import compress_model
 from pipeline.evaluation import expert_stats
-from pipeline.modeling import CheckpointError, atomic_dir, count_unique_params, load_model, save_model
+from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.routing import set_router_mode
-from stages.common import lineage, load, mlflow_run, parser, section, write_json
+from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     c = params.compress
-    try:
+    with stop_on_bad_input():
         models = {"mc_smoe": load_model(args.model), "c_smoe": load_model(args.full)}
         adapter = adapter_for(models["mc_smoe"])
         # MC-SMoE's router takes its final form before its experts are compressed.
@@ -41,8 +40,6 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 f"compress.rank={c.rank} must be below the smallest expert matrix dimension {min(dims)}"
             )
-    except (CheckpointError, ValueError) as err:
-        sys.exit(f"error: {err}")
     from transformers import AutoTokenizer
 
     sources = {"mc_smoe": args.model, "c_smoe": args.full}
@@ -57,10 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, model in models.items():
             t0 = time.time()
             before = expert_stats(model)["expert_params"]
-            try:
+            with stop_on_bad_input():
                 report = compress_model(model, adapter, c.rank, scopes[name])
-            except ValueError as err:
-                sys.exit(f"error: {err}")
             with atomic_dir(outs[name]) as tmp:
                 save_model(
                     model,

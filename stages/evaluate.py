@@ -9,7 +9,6 @@ with the router remapped or pruned to one output per group.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import yaml
 
 from pipeline.adapters import adapter_for
 from pipeline.config import flatten
-from pipeline.data import DataError, load_prepared
+from pipeline.data import load_prepared
 from pipeline.evaluation import evaluate_lm_variant, evaluate_variant
-from pipeline.modeling import CheckpointError, load_model, resolve_device, save_model
+from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.routing import router_mode_variants
-from stages.common import load, mlflow_run, parser, section, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
 
@@ -33,15 +32,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{v.replace('_', '-')}", required=True, help=f"{v} model folder")
     args = p.parse_args(argv)
     params = load(args)
-    try:
+    with stop_on_bad_input():
         task = load_prepared(args.data, splits=())
         task = load_prepared(args.data, splits=("test",) if task.objective == "lm" else ("dev",))
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
         models = {v: load_model(f) for v, f in folders.items()}
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
-    except (DataError, CheckpointError, RuntimeError, ValueError) as err:
-        sys.exit(f"error: {err}")
     e = params.evaluate
     results = {}
     with (

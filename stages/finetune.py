@@ -6,13 +6,11 @@ saved as it is, untrained (the paper's decoder setting).
 
 from __future__ import annotations
 
-import sys
 import time
 
-from pipeline.adapters import ModelStructureError
-from pipeline.data import DataError, load_prepared
+from pipeline.checkpointing import TrainingCheckpointError
+from pipeline.data import load_prepared
 from pipeline.modeling import (
-    CheckpointError,
     atomic_dir,
     build_model,
     count_unique_params,
@@ -22,7 +20,16 @@ from pipeline.modeling import (
     transfer_embeddings,
 )
 from pipeline.training import TrainSettings, dev_metric_for, train
-from stages.common import lineage, load, mlflow_run, parser, section, write_json
+from stages.common import (
+    checkpointing,
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
-    try:
+    with stop_on_bad_input():
         task = load_prepared(args.data)
         tok = task.tokenizer
         m = params.model
@@ -51,8 +58,6 @@ def main(argv: list[str] | None = None) -> None:
             if m.init_embeddings_from:
                 print("embeddings:", transfer_embeddings(model, tok, m.init_embeddings_from), flush=True)
         device = resolve_device(params.runtime.device)
-    except (DataError, CheckpointError, ModelStructureError, ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
     ft = params.finetune
     settings = TrainSettings(**ft.model_dump())
     keys = ("seed", "zero_shot", "model", "runtime", "finetune")
@@ -66,22 +71,29 @@ def main(argv: list[str] | None = None) -> None:
                 "total_steps": 0,
                 "history": [],
             }
+            ckpt = None
         else:
-            summary = train(
-                model,
-                task.splits["train"],
-                task.splits["dev"],
-                task.label_token_ids() if task.objective != "lm" else [],
-                tok.pad_token_id,
-                settings,
-                device,
-                params.runtime.dtype,
-                seed=params.seed,
-                log=run.log_metrics,
-                dev_metric=dev,
-            )
+            inputs = [args.data] + ([m.name_or_path] if m.name_or_path else [])
+            ckpt = checkpointing(params, args.out, lineage(params, keys, args.data), *inputs)
+            with stop_on_bad_input(TrainingCheckpointError):
+                summary = train(
+                    model,
+                    task.splits["train"],
+                    task.splits["dev"],
+                    task.label_token_ids() if task.objective != "lm" else [],
+                    tok.pad_token_id,
+                    settings,
+                    device,
+                    params.runtime.dtype,
+                    seed=params.seed,
+                    log=run.log_metrics,
+                    dev_metric=dev,
+                    checkpointing=ckpt,
+                )
         with atomic_dir(args.out) as tmp:
             save_model(model.cpu(), tmp, params=lineage(params, keys, args.data), tokenizer=tok)
+        if ckpt is not None:
+            ckpt.clear()
         metrics = {
             task.metric: summary[f"best_dev_{dev.name}"],
             "best_step": summary["best_step"],

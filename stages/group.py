@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pipeline.adapters import adapter_for
 from pipeline.grouping import LayerData, group_experts, merged_layer_names, validate_groups
-from pipeline.modeling import CheckpointError, atomic_dir, load_model
+from pipeline.modeling import atomic_dir, load_model
 from pipeline.plots import plot_groups
 from pipeline.profiling import load_profile
-from stages.common import load, mlflow_run, parser, section, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,11 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     g, t0 = params.group, time.time()
-    try:
+    with stop_on_bad_input():
         model = load_model(args.model)
-        profiles = load_profile(Path(args.profile))
-    except (CheckpointError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        profiles = load_profile(Path(args.profile), model)
     adapter = adapter_for(model)
     layers = adapter.sparse_layers(model)
     merge_names = merged_layer_names([(ly.name, ly.stack) for ly in layers], g.skip_first_layer, g.layers)

@@ -8,17 +8,16 @@ the same schedule from task-loss gradients alone.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from pipeline.adapters import adapter_for
 from pipeline.analysis import remaining_param_ratios
+from pipeline.checkpointing import TrainingCheckpointError
 from pipeline.compression import ColumnPruner, finalize_compact
-from pipeline.data import DataError, load_prepared
+from pipeline.data import load_prepared
 from pipeline.evaluation import expert_stats
 from pipeline.modeling import (
-    CheckpointError,
     atomic_dir,
     count_unique_params,
     load_model,
@@ -28,7 +27,16 @@ from pipeline.modeling import (
 from pipeline.plots import plot_remaining_params
 from pipeline.routing import set_router_mode
 from pipeline.training import KDSettings, TrainSettings, dev_metric_for, prune_without_training, train
-from stages.common import lineage, load, mlflow_run, parser, section, write_json
+from stages.common import (
+    checkpointing,
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    write_json,
+)
 
 # The compress keys that act during KD (the rank acted in the compress stage).
 COMPRESS_KEYS = (
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default=None, help="PNG heatmap of remaining parameters per expert")
     args = p.parse_args(argv)
     params = load(args)
-    try:
+    with stop_on_bad_input():
         task = load_prepared(args.data)
         teacher = load_model(args.teacher)
         sources = {"m_smoe": args.merged, "mc_smoe": args.compressed, "c_smoe": args.compressed_full}
@@ -62,8 +70,6 @@ def main(argv: list[str] | None = None) -> None:
         # M-SMoE's router takes its final form before KD trains it (MC-SMoE's did in compress).
         set_router_mode(students["m_smoe"], adapter_for(students["m_smoe"]), params.merge.router)
         device = resolve_device(params.runtime.device)
-    except (DataError, CheckpointError, RuntimeError, ValueError) as err:
-        sys.exit(f"error: {err}")
     tok, kd, c = task.tokenizer, params.kd, params.compress
     settings = TrainSettings(**kd.train.model_dump())
     outs = {"m_smoe": args.out_m_smoe, "mc_smoe": args.out_mc_smoe, "c_smoe": args.out_c_smoe}
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                     student, c.sparse_ratio, c.warmup_frac, c.cooldown_frac, c.schedule, c.beta1, c.beta2
                 )
             dev = dev_metric_for(task, "dev", settings.eval_batch_size, device, params.runtime.dtype)
+            ckpt = None
             if params.zero_shot:
                 summary = {"best_step": 0, "total_steps": 0}
                 if pruner is not None:
@@ -98,22 +105,32 @@ def main(argv: list[str] | None = None) -> None:
                     summary["best_step"] = summary["total_steps"]
                 summary[f"best_dev_{dev.name}"] = dev.compute(student.to(device))
             else:
-                summary = train(
-                    student,
-                    task.splits["train"],
-                    task.splits["dev"],
-                    task.label_token_ids() if task.objective != "lm" else [],
-                    tok.pad_token_id,
-                    settings,
-                    device,
-                    params.runtime.dtype,
-                    seed=params.merge_seed,
-                    kd=KDSettings(teacher, kd.alpha, kd.temperature),
-                    step_hook=pruner,
-                    eligible_from=pruner.final_step if pruner else None,
-                    log=run.log_metrics,
-                    dev_metric=dev,
+                ckpt = checkpointing(
+                    params,
+                    outs[name],
+                    lineage(params, keys, sources[name]),
+                    args.data,
+                    args.teacher,
+                    sources[name],
                 )
+                with stop_on_bad_input(TrainingCheckpointError):
+                    summary = train(
+                        student,
+                        task.splits["train"],
+                        task.splits["dev"],
+                        task.label_token_ids() if task.objective != "lm" else [],
+                        tok.pad_token_id,
+                        settings,
+                        device,
+                        params.runtime.dtype,
+                        seed=params.merge_seed,
+                        kd=KDSettings(teacher, kd.alpha, kd.temperature),
+                        step_hook=pruner,
+                        eligible_from=pruner.final_step if pruner else None,
+                        log=run.log_metrics,
+                        dev_metric=dev,
+                        checkpointing=ckpt,
+                    )
             m = {
                 task.metric: summary[f"best_dev_{dev.name}"],
                 "best_step": summary["best_step"],
@@ -135,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                     params=lineage(params, keys, sources[name]),
                     tokenizer=tok,
                 )
+            if ckpt is not None:
+                ckpt.clear()
             m.update(expert_stats(student))
             m["params_total"] = count_unique_params(student)
             m["seconds"] = round(time.time() - t0, 1)

@@ -5,20 +5,19 @@ Also measures the stable rank of each dominant expert before and after merging (
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
 from pipeline.adapters import adapter_for
 from pipeline.analysis import dominant_experts, expert_stable_ranks, stable_rank_change
+from pipeline.data import read_json
 from pipeline.evaluation import expert_stats
 from pipeline.grouping import validate_groups
 from pipeline.merging import merge_model
-from pipeline.modeling import CheckpointError, atomic_dir, count_unique_params, load_model, save_model
+from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.plots import plot_stable_rank_change
 from pipeline.profiling import load_profile
-from stages.common import lineage, load, mlflow_run, parser, section, write_json
+from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,14 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
-    try:
+    with stop_on_bad_input():
         model = load_model(args.model)
-        profiles = load_profile(Path(args.profile))
-        groups = json.loads(Path(args.groups).read_text())
+        profiles = load_profile(Path(args.profile), model)
+        groups = read_json(Path(args.groups), "expert groups")
         adapter = adapter_for(model)
         validate_groups(groups, {ly.name: adapter.num_experts(ly) for ly in adapter.sparse_layers(model)})
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

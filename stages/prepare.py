@@ -7,7 +7,6 @@ blocks of tokens, with the zero-shot multiple-choice sets stored beside them as 
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from pipeline.data import (
@@ -23,7 +22,17 @@ from pipeline.data import (
 )
 from pipeline.modeling import atomic_dir
 from pipeline.zeroshot import lm_rows, load_choice_task, load_wikitext
-from stages.common import ROOT, dump_yaml, lineage, load, mlflow_run, parser, section, write_json
+from stages.common import (
+    ROOT,
+    dump_yaml,
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,10 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     if params.data.task in LM_TASKS:
         return _prepare_lm(args, params)
     d, t0 = params.data, time.time()
-    try:
+    with stop_on_bad_input():
         splits = load_task(d.task, resolve_data_dir(d.data_dir, base=ROOT))
-    except DataError as err:
-        sys.exit(f"error: {err}")
     splits["train"] = subsample(splits["train"], d.max_train_samples, params.seed)
     splits["dev"] = subsample(splits["dev"], d.max_dev_samples, params.seed)
     spec = TASKS.get(d.task)
@@ -86,7 +93,7 @@ def _tokenizer(params, texts: list[str], extra: list[str]):
 def _prepare_lm(args, params) -> None:
     d, t0 = params.data, time.time()
     data_dir = resolve_data_dir(d.data_dir, base=ROOT)
-    try:
+    with stop_on_bad_input():
         train_text = load_wikitext(data_dir, d.lm_train_split)
         test_text = load_wikitext(data_dir, "test")
         zero_shot = {
@@ -106,8 +113,6 @@ def _prepare_lm(args, params) -> None:
             "dev": subsample(blocks[-d.dev_blocks :], d.max_dev_samples, params.seed),
             "test": lm_rows(tokenizer, test_text, d.block_size, d.max_test_samples),
         }
-    except DataError as err:
-        sys.exit(f"error: {err}")
     keys = ("seed", "data", "model.name_or_path")
     with (
         mlflow_run(params, args.params, "prepare", section(params, *keys)) as run,

@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.data import DataError, load_prepared
-from pipeline.modeling import CheckpointError, atomic_dir, load_model, resolve_device
+from pipeline.data import load_prepared
+from pipeline.modeling import atomic_dir, load_model, resolve_device
 from pipeline.plots import plot_expert_usage
 from pipeline.profiling import profile_gradients, profile_routing, save_profile
-from stages.common import load, mlflow_run, parser, section, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,12 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
-    try:
+    with stop_on_bad_input():
         task = load_prepared(args.data, splits=("train",))
         model = load_model(args.model)
         device = resolve_device(params.runtime.device)
-    except (DataError, CheckpointError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
     rows = task.splits["train"]
     n = params.profile.num_samples
     if n > len(rows):

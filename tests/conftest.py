@@ -7,6 +7,7 @@ so the tests exercise the same loading path as the stages.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,23 @@ def profiles_for(names, n_experts: int = N_EXPERTS, seed: int = 0) -> dict:
         counts = torch.randint(0, 50, (n_experts,), generator=g).float()
         out[name] = LayerProfile(name, counts, int(counts.sum()), torch.zeros(int(counts.sum()), n_experts))
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared sst2 folder as the prepare stage writes it: tokenizer, task.json, 8 rows per split."""
+    from pipeline.data import Example, tokenize_split, train_bpe_tokenizer, write_jsonl
+
+    folder = tmp_path_factory.mktemp("prepared")
+    tok = train_bpe_tokenizer(
+        ["a fine film", "dull", "great acting", "weak plot"] * 10, 300, ["negative", "positive"]
+    )
+    tok.save_pretrained(str(folder / "tokenizer"))
+    (folder / "task.json").write_text(
+        json.dumps({"task": "sst2", "label_words": ["negative", "positive"], "metric": "accuracy"})
+    )
+    examples = [Example(f"sst2 sentence: {t}", "positive", 1) for t in ("a fine film", "great acting")] * 4
+    rows = tokenize_split(tok, examples, 16)
+    for split in ("train", "dev"):
+        write_jsonl(rows, folder / f"{split}.jsonl")
+    return folder

@@ -6,9 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,9 +76,9 @@ def tiny_params() -> dict:
     return _deep_update(params, yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text()))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("repo")
+def copy_repo(dst: Path) -> Path:
+    """The pipeline (code, dvc.yaml, DVC config) in ``dst`` with the tiny params, as a git repo."""
+    dst.mkdir(parents=True, exist_ok=True)
     for item in ("pipeline", "stages", "scripts", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
@@ -84,13 +86,42 @@ def repo(tmp_path_factory) -> Path:
         else:
             shutil.copy2(src, dst / item)
     (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    (dst / "README.md").write_text("# tiny\n<!-- ablations:start -->\n<!-- ablations:end -->\n")
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     return dst
 
 
-def test_repro_then_partial_rerun(repo: Path) -> None:
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    dst = copy_repo(tmp_path_factory.mktemp("repo"))
+    (dst / "README.md").write_text("# tiny\n<!-- ablations:start -->\n<!-- ablations:end -->\n")
+    return dst
+
+
+# Metrics that measure wall-clock time: the only ones two runs of the same params may differ in.
+WALL_CLOCK = {"seconds", "tokens_per_s", "samples_per_s", "latency_ms_per_batch"}
+
+
+def without_wall_clock(obj):
+    if isinstance(obj, dict):
+        return {k: without_wall_clock(v) for k, v in obj.items() if k not in WALL_CLOCK}
+    if isinstance(obj, list):
+        return [without_wall_clock(v) for v in obj]
+    return obj
+
+
+def stage_metrics(repo: Path) -> dict[str, dict]:
+    return {s: json.loads((repo / "metrics" / f"{s}.json").read_text()) for s in STAGES}
+
+
+@pytest.fixture(scope="module")
+def reference(repo: Path) -> tuple[str, dict]:
+    """The first, uninterrupted `dvc repro` of the tiny params: its log and every stage's metrics."""
     log = _dvc(repo, "repro")
+    return log, stage_metrics(repo)
+
+
+def test_repro_then_partial_rerun(repo: Path, reference) -> None:
+    log = reference[0]
     assert _ran(log) == set(STAGES)
 
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
@@ -283,3 +314,56 @@ def test_decoder_pipeline_repro_and_partial_rerun(repo: Path) -> None:
     params["merge"]["strategy"] = "uniform"
     (repo / "llm" / "params.yaml").write_text(yaml.safe_dump(params))
     assert _ran(_dvc(repo, "repro", "llm/dvc.yaml")) == {"merge", "compress", "kd_finetune", "evaluate"}
+
+
+def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path: Path) -> None:
+    """Kill the fine-tuning process outright (SIGKILL, as the kernel's OOM killer would) part-way;
+    nothing complete-looking is left, and the next `dvc repro`, resuming from the checkpoint, ends
+    with metrics identical to an uninterrupted run's (made in another folder)."""
+    import psutil
+
+    repo = copy_repo(tmp_path / "repo")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SMOE_DATA_DIR": str(DATA),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "SMOE_PIPELINE_ID": "e2e",
+    }
+    log_file = tmp_path / "killed.log"
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=log
+        )
+    state = repo / "models" / ".full.ckpt" / "training_state.pt"
+    deadline = time.time() + 600
+    while not state.exists():
+        assert proc.poll() is None, log_file.read_text()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    stage = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "stages.finetune" in " ".join(p.cmdline())
+    ]
+    assert len(stage) == 1
+    os.kill(stage[0].pid, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    assert "failed to reproduce 'finetune'" in log_file.read_text()
+    # Nothing that looks like finetune's output: no model folder, no metrics, no lock entry.
+    assert not (repo / "models" / "full").exists()
+    assert not (repo / "metrics" / "finetune.json").exists()
+    assert "finetune" not in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert state.exists()
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["checkpoints"]["resume"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    log = _dvc(repo, "repro")
+    assert _ran(log) == set(STAGES) - {"prepare"}
+    resumed = re.search(r"resuming from .*training_state\.pt at step \d+/64", log)
+    assert resumed, log[-3000:]
+    print(resumed.group(0))
+    assert not state.parent.exists()  # removed once the model was written
+    assert not list((repo / "models").glob(".*.tmp-*"))
+    assert without_wall_clock(stage_metrics(repo)) == without_wall_clock(reference[1])

@@ -1,0 +1,253 @@
+"""Resumable training: an interrupted run resumed from its checkpoint ends exactly like an
+uninterrupted one; checkpoints of other runs, or unreadable ones, are never resumed silently."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.adapters import adapter_for
+from pipeline.checkpointing import STATE_FILE, Checkpointing, TrainingCheckpointError
+from pipeline.compression import ColumnPruner, compress_model
+from pipeline.merging import merge_model
+from pipeline.modeling import build_model
+from pipeline.training import KDSettings, TrainSettings, train
+from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB, profiles_for
+
+CPU = torch.device("cpu")
+SETTINGS = TrainSettings(
+    epochs=3,
+    batch_size=8,
+    eval_batch_size=48,
+    lr=1e-3,
+    weight_decay=0.01,
+    warmup_steps=2,
+    max_grad_norm=1.0,
+    router_z_loss_coef=1e-3,
+    router_aux_loss_coef=1e-3,
+    eval_every_epochs=1.0,
+)
+TOTAL = 18  # 48 rows / 8 per batch x 3 epochs
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _dropout_model():
+    # Dropout on, so that resuming must also restore the random generators to match.
+    return build_model(
+        "switch_transformers", {**TINY, "dropout_rate": 0.1}, VOCAB, PAD_ID, EOS_ID, 0.02, seed=3
+    )
+
+
+def _student(teacher):
+    model = copy.deepcopy(teacher)
+    adapter = adapter_for(model)
+    names = [ly.name for ly in adapter.sparse_layers(model)][1:]
+    groups = {"layers": {n: {"merged": True, "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]} for n in names}}
+    merge_model(model, adapter, groups, profiles_for(names), "frequency")
+    compress_model(model, adapter, rank=4)
+    return model
+
+
+def _stop_at(step_hook, at: int):
+    def hook(step: int, total: int) -> None:
+        if step_hook is not None:
+            step_hook(step, total)
+        if step == at:
+            raise Interrupted
+
+    return hook
+
+
+def _kd_run(teacher, rows, ckpt=None, interrupt_at=None):
+    """KD with column pruning (the kd_finetune recipe); optionally interrupted after a step."""
+    model = _student(teacher)
+    pruner = ColumnPruner(model, target=0.25, warmup_frac=0.1, cooldown_frac=0.2)
+    hook = pruner if interrupt_at is None else _stop_at(pruner, interrupt_at)
+    # The pruner's state must travel in the checkpoint even when wrapped: expose it.
+    if interrupt_at is not None:
+        hook.state_dict, hook.load_state_dict = pruner.state_dict, pruner.load_state_dict
+    summary = train(
+        model,
+        rows,
+        rows[:24],
+        CLASS_TARGETS,
+        PAD_ID,
+        SETTINGS,
+        CPU,
+        seed=5,
+        kd=KDSettings(teacher, alpha=0.2, temperature=2.0),
+        step_hook=hook,
+        eligible_from=pruner.final_step,
+        progress=False,
+        checkpointing=ckpt,
+    )
+    return model, pruner, summary
+
+
+def _same_weights(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _plain_run(rows, ckpt=None, interrupt_at=None):
+    model = _dropout_model()
+    summary = train(
+        model,
+        rows,
+        rows[:24],
+        CLASS_TARGETS,
+        PAD_ID,
+        SETTINGS,
+        CPU,
+        seed=11,
+        step_hook=None if interrupt_at is None else _stop_at(None, interrupt_at),
+        progress=False,
+        checkpointing=ckpt,
+    )
+    return model, summary
+
+
+@pytest.mark.parametrize("interrupt_at", [4, 7, 12])  # mid-epoch, and just after an epoch's eval
+def test_resumed_training_ends_exactly_like_an_uninterrupted_run(rows, tmp_path, interrupt_at):
+    reference, ref_summary = _plain_run(rows)
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=True, fingerprint="run-a")
+    with pytest.raises(Interrupted):
+        _plain_run(rows, ckpt, interrupt_at=interrupt_at)
+    saved = torch.load(ckpt.path, weights_only=True)
+    assert saved["step"] == 3 * ((interrupt_at + 1) // 3)  # the last multiple of 3 reached
+    resumed, summary = _plain_run(rows, ckpt)
+    _same_weights(resumed, reference)
+    assert summary == ref_summary
+
+
+def test_resumed_kd_with_pruning_ends_exactly_like_an_uninterrupted_run(tiny_model, rows, tmp_path):
+    reference, ref_pruner, ref_summary = _kd_run(tiny_model, rows)
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=5, resume=True, fingerprint="kd")
+    # Step 11 is inside the pruning window (steps 1..14 of 18): masks and importances are in flux.
+    with pytest.raises(Interrupted):
+        _kd_run(tiny_model, rows, ckpt, interrupt_at=11)
+    resumed, pruner, summary = _kd_run(tiny_model, rows, ckpt)
+    _same_weights(resumed, reference)
+    assert summary == ref_summary
+    assert pruner.kept_fraction() == ref_pruner.kept_fraction() < 1.0
+    for a, b in zip(pruner.ipt + pruner.unc, ref_pruner.ipt + ref_pruner.unc, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_without_resume_a_checkpoint_is_ignored_and_replaced(rows, tmp_path, capsys):
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=True, fingerprint="run-a")
+    with pytest.raises(Interrupted):
+        _plain_run(rows, ckpt, interrupt_at=7)
+    fresh = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=False, fingerprint="run-a")
+    reference, _ = _plain_run(rows)
+    model, summary = _plain_run(rows, fresh)
+    assert "ignored (resume is off)" in capsys.readouterr().out
+    _same_weights(model, reference)
+    # The new run's last checkpoint (step 15 of 18) replaced the old one.
+    assert torch.load(fresh.path, weights_only=True)["step"] == 15
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(rows, tmp_path, capsys):
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=True, fingerprint="lr=1e-3")
+    with pytest.raises(Interrupted):
+        _plain_run(rows, ckpt, interrupt_at=7)
+    other = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=True, fingerprint="lr=5e-4")
+    reference, _ = _plain_run(rows)
+    model, _ = _plain_run(rows, other)
+    assert "made by other params or inputs; training from the start" in capsys.readouterr().out
+    _same_weights(model, reference)
+
+
+def test_resume_without_a_checkpoint_trains_from_the_start(rows, tmp_path, capsys):
+    ckpt = Checkpointing(tmp_path / "none", every_steps=0, resume=True, fingerprint="x")
+    reference, _ = _plain_run(rows)
+    model, _ = _plain_run(rows, ckpt)
+    assert "no checkpoint" in capsys.readouterr().out
+    _same_weights(model, reference)
+    assert not ckpt.path.exists()  # every_steps=0 never saves
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_the_file(rows, tmp_path):
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=True, fingerprint="run-a")
+    ckpt.folder.mkdir()
+    ckpt.path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(
+        TrainingCheckpointError, match=rf"cannot read training checkpoint .*{STATE_FILE}.*delete it"
+    ):
+        _plain_run(rows, ckpt)
+
+
+class _Payload:
+    """Unpickling this would run code: it must never happen when a checkpoint is read."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=3, resume=True, fingerprint="run-a")
+    ckpt.folder.mkdir()
+    torch.save({"fingerprint": "run-a", "payload": _Payload()}, ckpt.path)
+    with pytest.raises(TrainingCheckpointError, match="cannot read training checkpoint"):
+        _plain_run(rows, ckpt)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=1, resume=True, fingerprint="f")
+    ckpt.save({"step": 1, "total_steps": 2})
+    assert [p.name for p in ckpt.folder.iterdir()] == [STATE_FILE]
+    assert ckpt.load(2)["step"] == 1
+    ckpt.clear()
+    assert not ckpt.folder.exists()
+
+
+def test_sigterm_stops_finetune_cleanly_and_keeps_the_checkpoint(prepared, tmp_path):
+    """SIGTERM (what schedulers and `kill` send) unwinds the stage: no output or temporary folder
+    is left, the MLflow run is marked failed, and the checkpoint stays for a resume."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"].update(config={**TINY}, init_embeddings_from=None)
+    params["finetune"].update(epochs=100, batch_size=1, warmup_steps=1)
+    params["checkpoints"] = {"every_steps": 5, "resume": False}
+    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "models" / "full"
+    cmd = [sys.executable, "-m", "stages.finetune", "--params", str(tmp_path / "params.yaml")]
+    cmd += ["--data", str(prepared), "--out", str(out), "--metrics", str(tmp_path / "m.json")]
+    # Earlier in-process stage runs leave MLFLOW_TRACKING_URI set (mlflow exports it); this run
+    # must log to its own store.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out.parent / ".full.ckpt" / STATE_FILE
+    deadline = time.time() + 300
+    while not state.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "error: stopped by signal SIGTERM before the stage completed" in err
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+    assert not list(out.parent.glob(".full.tmp-*"))
+    assert torch.load(state, weights_only=True)["step"] % 5 == 0
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("SELECT status FROM runs").fetchall() == [("FAILED",)]
