@@ -283,6 +283,11 @@ class Params(_Section):
                 f"data.task={self.data.task} does not fit model.family={self.model.family}: "
                 f"causal LM families train on {', '.join(LM_TASKS)}, encoder-decoders on classification tasks"
             )
+        if self.data.zero_shot_tasks and self.data.task not in LM_TASKS:
+            raise ValueError(
+                f"data.zero_shot_tasks scores a language model; data.task={self.data.task} is a "
+                f"classification task (zero-shot tasks go with {', '.join(LM_TASKS)})"
+            )
         if self.zero_shot and self.model.name_or_path is None:
             raise ValueError(
                 "zero_shot: true skips training, so it needs a trained checkpoint in model.name_or_path"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,17 @@ def pytest_configure(config):
     # The models are tiny: extra intra-op threads only add synchronisation overhead, and when
     # another process keeps the cores busy they make each small matmul take milliseconds.
     torch.set_num_threads(1)
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment for a stage or `dvc` subprocess: this interpreter first on PATH (stage
+    commands say `python`), and none of the MLflow state that in-process stage runs export
+    (mlflow's set_tracking_uri and set_experiment set MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID),
+    so each subprocess logs to its own params' store."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    return {**env, **extra}
 
 
 @pytest.fixture(scope="session")

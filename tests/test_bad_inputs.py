@@ -284,6 +284,12 @@ CASES = [
         ("data.task=sst2 does not fit model.family=mixtral", "causal LM families train on wikitext2"),
     ),
     Case(
+        "zero-shot tasks with a classification task",
+        prepare.main,
+        _set(data__zero_shot_tasks=["copa"]),
+        ("data.zero_shot_tasks scores a language model; data.task=sst2 is a classification task",),
+    ),
+    Case(
         "zero_shot without a checkpoint",
         prepare.main,
         _set(zero_shot=True),

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import stage_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 # What evaluate reports: every model, and the merged one under each router mode.
@@ -42,14 +44,7 @@ pytestmark = [
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        # Stage commands say `python`: make it this interpreter.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "SMOE_DATA_DIR": str(DATA),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "SMOE_PIPELINE_ID": "e2e",
-    }
+    env = stage_env(SMOE_DATA_DIR=str(DATA), SMOE_PIPELINE_ID="e2e")
     res = subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
     )
@@ -235,12 +230,7 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path) -> None:
         "variants": [{"name": k, "study": "choices", "set": v} for k, v in ALL_CHOICES.items()],
     }
     (repo / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {
-        **os.environ,
-        "SMOE_DATA_DIR": str(DATA),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = stage_env(SMOE_DATA_DIR=str(DATA))
     cmd = [sys.executable, "-m", "scripts.ablations", "--spec", "spec.yaml", "--out", "metrics/abl.json"]
     res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -323,13 +313,7 @@ def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path
     import psutil
 
     repo = copy_repo(tmp_path / "repo")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "SMOE_DATA_DIR": str(DATA),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "SMOE_PIPELINE_ID": "e2e",
-    }
+    env = stage_env(SMOE_DATA_DIR=str(DATA), SMOE_PIPELINE_ID="e2e")
     log_file = tmp_path / "killed.log"
     with log_file.open("w") as log:
         proc = subprocess.Popen(

@@ -14,7 +14,7 @@ from pipeline.compression import ColumnPruner, compress_model
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model
 from pipeline.training import KDSettings, TrainSettings, train
-from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB, profiles_for
+from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB, profiles_for, stage_env
 
 CPU = torch.device("cpu")
 SETTINGS = TrainSettings(
@@ -213,7 +213,6 @@ def test_checkpoints_are_written_atomically(tmp_path):
 def test_sigterm_stops_finetune_cleanly_and_keeps_the_checkpoint(prepared, tmp_path):
     """SIGTERM (what schedulers and `kill` send) unwinds the stage: no output or temporary folder
     is left, the MLflow run is marked failed, and the checkpoint stays for a resume."""
-    import os
     import signal
     import sqlite3
     import subprocess
@@ -233,9 +232,7 @@ def test_sigterm_stops_finetune_cleanly_and_keeps_the_checkpoint(prepared, tmp_p
     out = tmp_path / "models" / "full"
     cmd = [sys.executable, "-m", "stages.finetune", "--params", str(tmp_path / "params.yaml")]
     cmd += ["--data", str(prepared), "--out", str(out), "--metrics", str(tmp_path / "m.json")]
-    # Earlier in-process stage runs leave MLFLOW_TRACKING_URI set (mlflow exports it); this run
-    # must log to its own store.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = stage_env()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out.parent / ".full.ckpt" / STATE_FILE
     deadline = time.time() + 300
