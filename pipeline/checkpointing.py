@@ -26,7 +26,10 @@ class TrainingCheckpointError(RuntimeError):
 
 
 def folder_digest(*paths: str | Path) -> str:
-    """SHA-256 over the relative names and bytes of every file under ``paths`` (in a fixed order)."""
+    """SHA-256 over the relative names and bytes of every file under ``paths`` (in a fixed order).
+
+    A path that does not exist (e.g. a Hub id rather than a local folder) adds nothing.
+    """
     h = hashlib.sha256()
     for root in map(Path, paths):
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]

@@ -246,7 +246,8 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={device!r} but CUDA is not available; valid here: auto, cpu")
+        # A value this machine cannot honour: bad input like any other params error.
+        raise ValueError(f"runtime.device={device!r} but CUDA is not available; valid here: auto, cpu")
     return torch.device(device)
 
 

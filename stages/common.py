@@ -195,6 +195,6 @@ def checkpointing(params: Params, out: str | Path, made_by: dict, *inputs: str |
     """
     out = Path(out)
     digest = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=str).encode())
-    digest.update(folder_digest(*(p for p in inputs if Path(p).exists())).encode())
+    digest.update(folder_digest(*inputs).encode())
     c = params.checkpoints
     return Checkpointing(out.parent / f".{out.name}.ckpt", c.every_steps, c.resume, digest.hexdigest())

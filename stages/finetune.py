@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ft = params.finetune
     settings = TrainSettings(**ft.model_dump())
     keys = ("seed", "zero_shot", "model", "runtime", "finetune")
+    made_by = lineage(params, keys, args.data)
     with mlflow_run(params, args.params, "finetune", section(params, *keys)) as run:
         dev = dev_metric_for(task, "dev", ft.eval_batch_size, device, params.runtime.dtype)
         if params.zero_shot:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             ckpt = None
         else:
             inputs = [args.data] + ([m.name_or_path] if m.name_or_path else [])
-            ckpt = checkpointing(params, args.out, lineage(params, keys, args.data), *inputs)
+            ckpt = checkpointing(params, args.out, made_by, *inputs)
             with stop_on_bad_input(TrainingCheckpointError):
                 summary = train(
                     model,
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                     checkpointing=ckpt,
                 )
         with atomic_dir(args.out) as tmp:
-            save_model(model.cpu(), tmp, params=lineage(params, keys, args.data), tokenizer=tok)
+            save_model(model.cpu(), tmp, params=made_by, tokenizer=tok)
         if ckpt is not None:
             ckpt.clear()
         metrics = {

@@ -170,6 +170,14 @@ def _bad_training_checkpoint(ctx: Ctx):
     return p, ["--data", str(ctx.prepared)]
 
 
+def _without_cuda(ctx: Ctx):
+    import torch
+
+    # The same on a GPU machine: the stage sees none.
+    ctx.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return ctx.params(**{"runtime.device": "cuda"}), ["--data", str(ctx.prepared)]
+
+
 def _text(ctx: Ctx, text: str):
     path = ctx.tmp / "params.yaml"
     path.write_text(text)
@@ -294,6 +302,12 @@ CASES = [
         prepare.main,
         _set(zero_shot=True),
         ("zero_shot: true skips training, so it needs a trained checkpoint in model.name_or_path",),
+    ),
+    Case(
+        "device this machine lacks",
+        finetune.main,
+        _without_cuda,
+        ("runtime.device='cuda' but CUDA is not available; valid here: auto, cpu",),
     ),
     Case(
         "negative checkpoint interval",
