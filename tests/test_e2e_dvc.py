@@ -306,6 +306,16 @@ def test_decoder_pipeline_repro_and_partial_rerun(repo: Path) -> None:
     assert _ran(_dvc(repo, "repro", "llm/dvc.yaml")) == {"merge", "compress", "kd_finetune", "evaluate"}
 
 
+def _cmdline(process) -> list[str]:
+    """A child's arguments, or none when it exited (or turned zombie) while being listed."""
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
 def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path: Path) -> None:
     """Kill the fine-tuning process outright (SIGKILL, as the kernel's OOM killer would) part-way;
     nothing complete-looking is left, and the next `dvc repro`, resuming from the checkpoint, ends
@@ -325,11 +335,9 @@ def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path
         assert proc.poll() is None, log_file.read_text()[-3000:]
         assert time.time() < deadline
         time.sleep(0.01)
-    stage = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "stages.finetune" in " ".join(p.cmdline())
-    ]
+    # DVC runs the cmd through a shell, which may fork rather than exec: match the Python process
+    # itself (`-m stages.finetune` as its own arguments), not the `sh -c "..."` that launched it.
+    stage = [p for p in psutil.Process(proc.pid).children(recursive=True) if "stages.finetune" in _cmdline(p)]
     assert len(stage) == 1
     os.kill(stage[0].pid, signal.SIGKILL)
     assert proc.wait(timeout=300) != 0
