@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             COMPRESS_KEYS if compressed else ("merge.router",)
         )
         sections = section(params, *keys)
+        made_by = lineage(params, keys, sources[name])
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
             if compressed:
@@ -105,14 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                     summary["best_step"] = summary["total_steps"]
                 summary[f"best_dev_{dev.name}"] = dev.compute(student.to(device))
             else:
-                ckpt = checkpointing(
-                    params,
-                    outs[name],
-                    lineage(params, keys, sources[name]),
-                    args.data,
-                    args.teacher,
-                    sources[name],
-                )
+                ckpt = checkpointing(params, outs[name], made_by, args.data, args.teacher, sources[name])
                 with stop_on_bad_input(TrainingCheckpointError):
                     summary = train(
                         student,
@@ -146,12 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
             student.cpu()
             with atomic_dir(outs[name]) as tmp:
-                save_model(
-                    student,
-                    tmp,
-                    params=lineage(params, keys, sources[name]),
-                    tokenizer=tok,
-                )
+                save_model(student, tmp, params=made_by, tokenizer=tok)
             if ckpt is not None:
                 ckpt.clear()
             m.update(expert_stats(student))
