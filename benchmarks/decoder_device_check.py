@@ -57,7 +57,7 @@ def run_family(family: str, cfg: dict, device: torch.device, dtype: str, n_rows:
 
     from pipeline.adapters import adapter_for
     from pipeline.align import align_model
-    from pipeline.compression import ColumnPruner, compress_model, finalize_compact
+    from pipeline.compression import SparsePruner, compress_model, finalize_compact
     from pipeline.evaluation import expert_stats, speed_and_flops
     from pipeline.grouping import LayerData, group_experts, merged_layer_names
     from pipeline.merging import merge_model
@@ -136,7 +136,7 @@ def run_family(family: str, cfg: dict, device: torch.device, dtype: str, n_rows:
 
     t0 = time.perf_counter()
     compress_model(model, adapter, max(8, cfg["hidden_size"] // 32), "all")
-    pruner = ColumnPruner(model, 0.1, 0.04, 0.16)
+    pruner = SparsePruner(model, 0.1, 0.04, 0.16)
     kd = KDSettings(full, 0.2, 2.0)
     train(
         model,

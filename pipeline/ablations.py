@@ -17,9 +17,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import ParamsError, parse_params
+from pipeline.stats import decode_predictions, seed_example_bootstrap_ci
 
-# Variants whose dev accuracy the summary reports; `merged` is before KD, `m_smoe` after.
-REPORTED = ("merged", "m_smoe")
+# Models whose accuracy the summary reports: `merged` is before KD, `m_smoe` after, `mc_smoe` after
+# compression too.
+REPORTED = ("merged", "m_smoe", "mc_smoe")
+# The models the table gives a Δ for; the first one decides "Agrees" (the paper's ablations are of
+# M-SMoE).
+COMPARED = ("m_smoe", "mc_smoe")
+LABELS = {"merged": "merged", "m_smoe": "M-SMoE", "mc_smoe": "MC-SMoE"}
+# The model whose per-example KL divergence from the full model is compared: right after merging,
+# before KD moves it, fidelity shows what grouping, alignment and merge weights did to the function.
+FIDELITY = "merged"
+CI_LEVEL = 0.95
 
 
 class Variant(BaseModel):
@@ -130,11 +140,67 @@ def _stats(values: list[float]) -> dict[str, Any]:
     }
 
 
-def summarise(spec: AblationSpec, runs: list[dict]) -> dict[str, dict]:
-    """Per variant: the seeds that finished and mean/std/min/max of each reported accuracy."""
+def _delta(
+    variant: list[dict],
+    reference: list[dict],
+    key: str,
+    n_boot: int,
+    seed: int,
+    field: str = "correct",
+) -> dict[str, Any] | None:
+    """``key``'s paired difference variant - reference over the seeds both have predictions for.
+
+    ``field`` is ``correct`` (accuracy, from the 0/1 strings) or ``kl_to_full`` (mean per-example
+    KL divergence from the full model, from lists of floats).
+    """
+
+    def has(r: dict) -> bool:
+        return key in ((r.get("predictions") or {}).get(field) or {})
+
+    mine = {r["seed"]: r["predictions"] for r in variant if has(r)}
+    theirs = {r["seed"]: r["predictions"] for r in reference if has(r)}
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+
+    def values(pred: dict) -> Any:
+        return decode_predictions(pred)[key] if field == "correct" else pred[field][key]
+
+    try:
+        for s in seeds:
+            if mine[s].get("split") != theirs[s].get("split"):
+                raise ValueError(
+                    f"seed {s}: split {mine[s].get('split')!r} vs reference {theirs[s].get('split')!r}"
+                )
+        a = [values(mine[s]) for s in seeds]
+        b = [values(theirs[s]) for s in seeds]
+        ci = seed_example_bootstrap_ci(
+            a, b, n_boot=n_boot, seed=seed, level=CI_LEVEL, binary=field == "correct"
+        )
+    except ValueError as err:
+        # One bad run must not lose the summary of the others (it is rewritten after every run).
+        return {"error": str(err), "seeds": seeds}
+    return {**ci, "level": CI_LEVEL, "seeds": seeds}
+
+
+def summarise(
+    spec: AblationSpec,
+    runs: list[dict],
+    reference: str = "default",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Per variant: the seeds that finished, mean/std/min/max of each reported accuracy, and
+    (under ``delta``) each reported model's paired difference to ``reference`` with its bootstrap
+    CIs over seeds and examples, where the runs carry per-example predictions (else None).
+    """
+    by_variant = {
+        v.name: sorted((r for r in runs if r["variant"] == v.name), key=lambda r: r["seed"])
+        for v in spec.variants
+    }
     out: dict[str, dict] = {}
     for variant in spec.variants:
-        done = sorted((r for r in runs if r["variant"] == variant.name), key=lambda r: r["seed"])
+        done = by_variant[variant.name]
         row: dict[str, Any] = {
             "study": variant.study,
             "set": variant.set,
@@ -145,6 +211,17 @@ def summarise(spec: AblationSpec, runs: list[dict]) -> dict[str, dict]:
         for key in REPORTED:
             values = [float(r["accuracy"][key]) for r in done if key in r.get("accuracy", {})]
             row[key] = _stats(values) if values else None
+        kls = [
+            statistics.fmean(r["predictions"]["kl_to_full"][FIDELITY])
+            for r in done
+            if FIDELITY in ((r.get("predictions") or {}).get("kl_to_full") or {})
+        ]
+        row["kl_to_full"] = {FIDELITY: _stats(kls) if kls else None}
+        if variant.name != reference and reference in by_variant:
+            row["delta"] = {key: _delta(done, by_variant[reference], key, n_boot, seed) for key in REPORTED}
+            row["kl_delta"] = {
+                FIDELITY: _delta(done, by_variant[reference], FIDELITY, n_boot, seed, "kl_to_full")
+            }
         out[variant.name] = row
     return out
 
@@ -156,36 +233,95 @@ def _cell(stats: dict | None) -> str:
     return f"{100 * stats['mean']:.2f}{spread}"
 
 
+def _pts(x: float) -> str:
+    # Rounding a tiny negative to "-0.00" would suggest a direction the number does not have.
+    text = f"{100 * x:+.2f}"
+    return "+0.00" if text == "-0.00" else text
+
+
+def _kl_cell(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    spread = f" ± {1000 * stats['std']:.2f}" if stats["n"] > 1 else ""
+    return f"{1000 * stats['mean']:.2f}{spread}"
+
+
+def _kl_compare(row: dict, paper: str | None) -> tuple[str, str]:
+    """The Δ KL cell (10^-3 nats) and the verdict against ``paper``: a lower KL is closer to full."""
+    ci = (row.get("kl_delta") or {}).get(FIDELITY)
+    if not ci or "error" in ci:
+        return "-", "-"
+    low, high = ci["ci_seeds_examples"]
+    cell = f"{1000 * ci['diff']:+.2f} [{1000 * low:+.2f}, {1000 * high:+.2f}]"
+    if not paper or low <= 0 <= high:
+        return cell, "-" if not paper else "no difference"
+    # The paper's "below" (worse) means further from the full model: a higher KL.
+    return cell, "yes" if (low > 0) == (paper == "below") else "no"
+
+
+def _compare(row: dict, ref: dict, key: str, paper: str | None) -> tuple[str, str]:
+    """The Δ cell for ``key`` and the verdict against ``paper`` ("-" where there is nothing to say)."""
+    mine, theirs = row.get(key), ref.get(key)
+    ci = (row.get("delta") or {}).get(key)
+    if ci and "error" not in ci:
+        low, high = ci["ci_seeds_examples"]
+        cell = f"{_pts(ci['diff'])} [{_pts(low)}, {_pts(high)}]"
+        if not paper:
+            return cell, "-"
+        if low <= 0 <= high:
+            return cell, "no difference (CI spans 0)"
+        return cell, "yes" if (high < 0) == (paper == "below") else "no"
+    if not (mine and theirs):
+        return "-", "-"
+    # Results from before evaluate wrote per-example predictions: compare the seed means, and call
+    # a difference no larger than either seed spread "within spread".
+    d = mine["mean"] - theirs["mean"]
+    cell = f"{_pts(d)} (no CI)"
+    if not paper:
+        return cell, "-"
+    if abs(d) <= max(theirs["std"], mine["std"]):
+        return cell, "within spread"
+    return cell, "yes" if (d < 0) == (paper == "below") else "no"
+
+
 def markdown_table(spec: AblationSpec, summary: dict[str, dict], reference: str = "default") -> str:
     """The README table: one row per variant with the paper's finding beside ours.
 
-    ``Δ`` is the variant's mean M-SMoE accuracy minus the reference variant's. "Agrees" compares its
-    sign with the paper's; a difference no larger than the larger of the two seed spreads is reported
-    as within the spread rather than as agreement or disagreement.
+    Accuracies are mean ± std over seeds. ``Δ`` is the variant minus the reference variant, in
+    points, with its 95% bootstrap CI over seeds and test examples (paired by seed and example).
+    The fidelity columns give the merged model's mean KL divergence from the full model's class
+    distribution (10^-3 nats) and its Δ with the same CI. "Agrees" compares the M-SMoE Δ with the
+    paper's direction ("no difference" where the CI contains 0), then the fidelity Δ. Without
+    per-example predictions the Δ is of seed means ("no CI") and a difference no larger than either
+    seed spread is "within spread".
     """
-    ref = summary.get(reference, {}).get("m_smoe")
+    ref = summary.get(reference, {})
+    pct = f"{100 * CI_LEVEL:g}%"
+    accs = " | ".join(f"{LABELS[k]} acc. (%)" for k in REPORTED)
+    deltas = " | ".join(f"Δ {LABELS[k]} (pts, {pct} CI)" for k in COMPARED)
+    fid = f"{LABELS[FIDELITY]} KL to full (10⁻³ nats) | Δ KL (10⁻³ nats, {pct} CI)"
     lines = [
-        "| Study | Variant | Overrides | Seeds | merged acc. (%) | M-SMoE acc. (%) | Δ M-SMoE (pts) | Paper | Agrees |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| Study | Variant | Overrides | Seeds | {accs} | {deltas} | {fid} | Paper | Agrees: accuracy; fidelity |",
+        "|" + "---|" * (8 + len(REPORTED) + len(COMPARED)),
     ]
     for v in spec.variants:
         s = summary[v.name]
         sets = ", ".join(f"`{k}={_fmt(val)}`" for k, val in v.set.items()) or "(default)"
-        delta, agrees = "-", "-"
-        if ref and s["m_smoe"] and v.name != reference:
-            d = s["m_smoe"]["mean"] - ref["mean"]
-            delta = f"{100 * d:+.2f}"
-            if v.paper:
-                if abs(d) <= max(ref["std"], s["m_smoe"]["std"]):
-                    agrees = "within spread"
-                else:
-                    agrees = "yes" if (d < 0) == (v.paper == "below") else "no"
+        cells, verdicts = [], []
+        for key in COMPARED:
+            cell, verdict = _compare(s, ref, key, v.paper) if v.name != reference else ("-", "-")
+            cells.append(cell)
+            verdicts.append(verdict)
+        kl_cell, kl_verdict = _kl_compare(s, v.paper) if v.name != reference else ("-", "-")
+        agrees = verdicts[0] if kl_verdict == "-" else f"{verdicts[0]}; {kl_verdict}"
         paper = {"below": "worse than default", "above": "better than default", None: "-"}[v.paper]
         if v.note:
             paper = f"{paper} ({v.note})" if v.paper else v.note
         lines.append(
-            f"| {v.study} | {v.name} | {sets} | {len(s['seeds'])} | {_cell(s['merged'])} | "
-            f"{_cell(s['m_smoe'])} | {delta} | {paper} | {agrees} |"
+            f"| {v.study} | {v.name} | {sets} | {len(s['seeds'])} | "
+            + " | ".join(_cell(s.get(k)) for k in REPORTED)
+            + f" | {' | '.join(cells)} | {_kl_cell((s.get('kl_to_full') or {}).get(FIDELITY))} | {kl_cell}"
+            + f" | {paper} | {agrees} |"
         )
     return "\n".join(lines)
 

@@ -127,7 +127,7 @@ class MoEAdapter:
         raise NotImplementedError
 
     def expert_param_counts(self, layer: SparseLayer) -> list[dict[str, int]]:
-        """Per expert: parameters present, parameters kept (pruned columns of S excluded), and the
+        """Per expert: parameters present, parameters kept (pruned units of S excluded), and the
         parameters of its dense form."""
         return [module_param_counts(e) for e in self.expert_modules(layer)]
 
@@ -165,7 +165,7 @@ def module_param_counts(module: nn.Module) -> dict[str, int]:
     kept = dense = 0
     for m in module.modules():
         if isinstance(m, LowRankSparseLinear):
-            s_kept = m.s.numel() if m.compact else int(m.s_mask.sum()) * m.out_features
+            s_kept = m.s_kept_entries()
             kept += m.u.numel() + m.v.numel() + s_kept
             dense += m.in_features * m.out_features
         elif isinstance(m, nn.Linear):

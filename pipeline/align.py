@@ -14,8 +14,9 @@ from pipeline.adapters import MoEAdapter, SparseLayer
 from pipeline.registry import Registry
 
 # An aligner returns, for one layer, a permutation of each expert's hidden neurons (None: leave as
-# is), given the reference expert and the layer inputs kept by profiling (None if not available).
-Aligner = Callable[[MoEAdapter, SparseLayer, int, "torch.Tensor | None"], list[torch.Tensor | None]]
+# is), given the reference expert, the layer inputs kept by profiling (None if not available) and
+# whether weight matching's cost includes the output projection (keyword ``include_wo``).
+Aligner = Callable[..., list[torch.Tensor | None]]
 ALIGNERS: Registry[Aligner] = Registry("alignment method")
 
 
@@ -31,13 +32,21 @@ def _neuron_rows(weights: dict[str, torch.Tensor], neuron_axes: dict[str, int]) 
 
 
 def weight_matching_permutation(
-    ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], neuron_axes: dict[str, int]
+    ref: dict[str, torch.Tensor],
+    other: dict[str, torch.Tensor],
+    neuron_axes: dict[str, int],
+    include_wo: bool = True,
 ) -> torch.Tensor:
     """The permutation P maximising sum_k <W_k^ref, P W_k^other> over all expert matrices k.
 
     For a Switch expert this is <W_in^a, P W_in^b> + <W_out^a, W_out^b P^T>; solved exactly as a
     linear assignment. ``other`` permuted by the result has neuron i = old neuron ``perm[i]``.
+    With ``include_wo=False`` the output projections (whose hidden neurons are their input axis,
+    1) are left out of the cost, as the authors' ``include_wo`` switch does.
     """
+    if not include_wo:
+        inputs = [k for k in ref if neuron_axes[k] == 0]
+        ref, other = {k: ref[k] for k in inputs}, {k: other[k] for k in inputs}
     # One float32 matmul: float64 doubles its cost, and the assignment only needs the ordering.
     cost = _neuron_rows(ref, neuron_axes) @ _neuron_rows(other, neuron_axes).T
     rows, cols = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
@@ -48,13 +57,19 @@ def weight_matching_permutation(
 
 @ALIGNERS.register("weight-matching")
 def _weight_matching(
-    adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
+    adapter: MoEAdapter,
+    layer: SparseLayer,
+    reference: int,
+    inputs: torch.Tensor | None,
+    include_wo: bool = True,
 ) -> list[torch.Tensor | None]:
     ref = adapter.expert_weights(layer, reference)
     others = [e for e in range(adapter.num_experts(layer)) if e != reference]
 
     def solve(e: int) -> torch.Tensor:
-        return weight_matching_permutation(ref, adapter.expert_weights(layer, e), adapter.neuron_axes)
+        return weight_matching_permutation(
+            ref, adapter.expert_weights(layer, e), adapter.neuron_axes, include_wo
+        )
 
     # scipy's assignment solver is single-threaded and releases the GIL: solve pairs side by side.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
@@ -78,7 +93,11 @@ def activation_matching_permutation(ref_act: torch.Tensor, other_act: torch.Tens
 
 @ALIGNERS.register("activation-matching")
 def _activation_matching(
-    adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
+    adapter: MoEAdapter,
+    layer: SparseLayer,
+    reference: int,
+    inputs: torch.Tensor | None,
+    include_wo: bool = True,
 ) -> list[torch.Tensor | None]:
     if inputs is None or len(inputs) < 2:
         raise ValueError(f"align.method=activation-matching needs profiled layer inputs for {layer.name}")
@@ -93,7 +112,11 @@ def _activation_matching(
 
 @ALIGNERS.register("none")
 def _no_alignment(
-    adapter: MoEAdapter, layer: SparseLayer, reference: int, inputs: torch.Tensor | None
+    adapter: MoEAdapter,
+    layer: SparseLayer,
+    reference: int,
+    inputs: torch.Tensor | None,
+    include_wo: bool = True,
 ) -> list[torch.Tensor | None]:
     return [None] * adapter.num_experts(layer)
 
@@ -107,12 +130,14 @@ def align_model(
     frequencies: dict[str, torch.Tensor] | None = None,
     inputs: dict[str, torch.Tensor] | None = None,
     layers: Collection[str] | None = None,
+    include_wo: bool = True,
 ) -> dict:
     """Align every expert of every SMoE layer (or of the named ``layers``) to the layer's reference
     expert, in place.
 
     ``reference``: ``first`` (expert 0, as the paper) or ``most-used`` (needs ``frequencies``);
-    ``inputs``: per layer, profiled layer inputs (needed by activation matching).
+    ``inputs``: per layer, profiled layer inputs (needed by activation matching); ``include_wo``:
+    whether weight matching's cost includes the output projection.
     Returns per-layer reference experts and how many neurons moved.
     """
     aligner = ALIGNERS.get(method)
@@ -126,7 +151,7 @@ def align_model(
             ref = int(torch.argmax(frequencies[layer.name]))
         else:
             ref = 0
-        perms = aligner(adapter, layer, ref, (inputs or {}).get(layer.name))
+        perms = aligner(adapter, layer, ref, (inputs or {}).get(layer.name), include_wo=include_wo)
         moved = 0
         for e, perm in enumerate(perms):
             if perm is not None:

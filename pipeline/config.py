@@ -24,7 +24,8 @@ class DataParams(_Section):
     max_source_length: int = Field(64, ge=8, le=4096)
     max_train_samples: int | None = Field(None, ge=1)
     max_dev_samples: int | None = Field(None, ge=1)
-    # Language-modelling tasks: evaluate on the first N test blocks only (null = all of them).
+    # Test examples evaluated (null = all): a seeded subsample for classification tasks, the first
+    # N blocks for language-modelling tasks.
     max_test_samples: int | None = Field(None, ge=1)
     tokenizer_vocab_size: int = Field(8000, ge=300, le=1_000_000)
     # Language-modelling tasks (wikitext2): tokens per training/evaluation block, the split trained
@@ -116,8 +117,10 @@ class TrainParams(_Section):
     warmup_steps: int = Field(200, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     router_z_loss_coef: float = Field(0.001, ge=0)
-    router_aux_loss_coef: float = Field(0.001, ge=0)
+    router_aux_loss_coef: float = Field(0.01, ge=0)
     eval_every_epochs: float = Field(1.0, gt=0)
+    # Sort each window of N batches' rows by length before batching (0: plain shuffle); cuts padding.
+    bucket_batches: int = Field(50, ge=0)
 
 
 class ProfileParams(_Section):
@@ -132,6 +135,9 @@ class ProfileParams(_Section):
 class AlignParams(_Section):
     method: str = "weight-matching"
     reference: Literal["first", "most-used"] = "first"
+    # Weight matching's cost includes the output projection (wo / down_proj), as the authors'
+    # calls do (include_wo=True); false matches on the input projections alone.
+    include_wo: bool = True
 
     @field_validator("method")
     @classmethod
@@ -148,6 +154,12 @@ class GroupParams(_Section):
     similarity: str = "router-logits"
     ratio: Literal["adaptive", "uniform"] = "adaptive"
     layers: Literal["encoder", "decoder", "both"] = "both"
+    # How usage counts are normalised per layer before the global budget: sum-top1 (the authors'
+    # code: share of the layer's tokens, top expert set to 1.0) | max (divide by the top count).
+    frequency_norm: str = "sum-top1"
+    # An expert that received no profiled token may be dominant (false, as the authors: only when
+    # its layer has nothing else, so budget left over stays unspent).
+    dominant_unused: bool = False
 
     @field_validator("similarity")
     @classmethod
@@ -155,6 +167,14 @@ class GroupParams(_Section):
         from pipeline.grouping import SIMILARITIES
 
         SIMILARITIES.get(v)
+        return v
+
+    @field_validator("frequency_norm")
+    @classmethod
+    def _known_norm(cls, v: str) -> str:
+        from pipeline.grouping import FREQUENCY_NORMS
+
+        FREQUENCY_NORMS.get(v)
         return v
 
 
@@ -191,7 +211,15 @@ class CompressParams(_Section):
     warmup_frac: float = Field(0.04, ge=0, lt=1)
     cooldown_frac: float = Field(0.16, ge=0, lt=1)
     beta1: float = Field(0.85, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    # 1.0 drops the uncertainty term (the authors' code): the score is the smoothed importance alone.
+    beta2: float = Field(0.95, ge=0, le=1)
+    # What is pruned in S: column (input features, the paper's text) | row (output features, the
+    # authors' code); and how a unit's entries are scored: mean (authors) | sum (the paper's text).
+    prune_axis: str = "column"
+    prune_score: str = "mean"
+    # Pruned units may come back when their importance rises again (the authors' mask is recomputed
+    # every step); false prunes for good.
+    regrow: bool = False
 
     @field_validator("schedule")
     @classmethod
@@ -209,6 +237,22 @@ class CompressParams(_Section):
         SCOPES.get(v)
         return v
 
+    @field_validator("prune_axis")
+    @classmethod
+    def _known_axis(cls, v: str) -> str:
+        from pipeline.compression import PRUNE_AXES
+
+        PRUNE_AXES.get(v)
+        return v
+
+    @field_validator("prune_score")
+    @classmethod
+    def _known_score(cls, v: str) -> str:
+        from pipeline.compression import PRUNE_SCORES
+
+        PRUNE_SCORES.get(v)
+        return v
+
     @model_validator(mode="after")
     def _window(self) -> CompressParams:
         if self.warmup_frac + self.cooldown_frac >= 1:
@@ -221,10 +265,27 @@ class CompressParams(_Section):
 class KDParams(_Section):
     alpha: float = Field(0.2, ge=0)
     temperature: float = Field(2.0, gt=0)
-    train: TrainParams = TrainParams(epochs=1, lr=5e-4, warmup_steps=50)
+    # KL term: reference (the authors' code: KL summed over target positions, batch mean, no T^2)
+    # | hinton (mean over target tokens, times T^2).
+    loss: str = "reference"
+    # Routers are not trained during KD (the authors' code); their losses are kd.train's coefs.
+    freeze_router: bool = True
+    train: TrainParams = TrainParams(
+        epochs=1, lr=5e-4, warmup_steps=50, router_z_loss_coef=0.0, router_aux_loss_coef=0.0
+    )
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from pipeline.training import KD_LOSSES
+
+        KD_LOSSES.get(v)
+        return v
 
 
 class EvaluateParams(_Section):
+    # The split of the final table (model selection always uses dev): test where it is labelled.
+    split: Literal["dev", "test"] = "test"
     batch_size: int = Field(64, ge=1)
     # Batches of the dev split timed for tokens/s (after one warm-up batch).
     speed_batches: int = Field(8, ge=1)

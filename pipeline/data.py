@@ -347,11 +347,30 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batches(
-    rows: list[dict], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0
+    rows: list[dict],
+    batch_size: int,
+    pad_id: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    bucket_batches: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded batches; shuffled with a seeded generator so data order is reproducible."""
+    """Yield padded batches; shuffled with a seeded generator so data order is reproducible.
+
+    With ``bucket_batches`` = N > 0 (and ``shuffle``), each window of N batches' worth of shuffled
+    rows is sorted by source length before it is cut into batches, and the batches are shuffled
+    again: batches hold rows of similar length, so far less padding is computed.
+    """
     order = list(range(len(rows)))
     if shuffle:
-        random.Random(seed).shuffle(order)
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        if bucket_batches > 0:
+            window = bucket_batches * batch_size
+            chunks = []
+            for w in range(0, len(order), window):
+                part = sorted(order[w : w + window], key=lambda j: len(rows[j]["input_ids"]))
+                chunks.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+            rng.shuffle(chunks)
+            order = [j for chunk in chunks for j in chunk]
     for i in range(0, len(order), batch_size):
         yield collate([rows[j] for j in order[i : i + batch_size]], pad_id)

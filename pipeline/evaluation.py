@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.adapters import adapter_for
 from pipeline.data import batches
 from pipeline.modeling import bytes_on_disk, count_unique_params
-from pipeline.training import autocast, evaluate_accuracy, score_classes
+from pipeline.training import autocast, class_log_probs, score_classes
 
 
 def expert_stats(model: nn.Module) -> dict[str, int]:
@@ -183,17 +183,24 @@ def evaluate_variant(
     speed_batches: int,
     device: torch.device,
     dtype: str = "float32",
-) -> dict[str, float]:
-    """Every figure of ``metrics/evaluate.json`` for one saved model."""
-    acc = evaluate_accuracy(model, rows, class_targets, pad_id, batch_size, device, dtype)
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Every figure of ``metrics/evaluate.json`` for one saved model, and its ``[rows, classes]``
+    class log-probabilities (for paired comparisons between variants)."""
+    logp = class_log_probs(model, rows, class_targets, pad_id, batch_size, device, dtype)
+    correct = logp.argmax(-1) == torch.tensor([int(r["label"]) for r in rows])
     out = {
-        metric: acc,
+        metric: float(correct.float().mean()),
         "params_total": count_unique_params(model),
         **expert_stats(model),
         "bytes_on_disk": bytes_on_disk(folder),
     }
     out.update(speed_and_flops(model, rows, class_targets, pad_id, batch_size, speed_batches, device, dtype))
-    return out
+    return out, logp
+
+
+def kl_to_reference(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(reference || other) of two ``[rows, classes]`` log-probability tables (nats)."""
+    return (reference.exp() * (reference - other)).sum(-1).clamp_min(0.0)
 
 
 def evaluate_lm_variant(

@@ -108,23 +108,54 @@ def _random(d: LayerData) -> torch.Tensor:
     return m
 
 
-def normalised_frequency(freq: torch.Tensor) -> torch.Tensor:
-    """Frequencies scaled so the layer's most used expert has 1.0 (exactly, so each layer keeps one)."""
+# norm(usage counts of one layer) -> per-expert score for the global budget, the layer's most used
+# expert set to exactly 1.0 (the paper's footnote 3) so every layer keeps one.
+FrequencyNorm = Callable[[torch.Tensor], torch.Tensor]
+FREQUENCY_NORMS: Registry[FrequencyNorm] = Registry("frequency normalisation")
+
+
+def _top_to_one(f: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    scaled[int(torch.argmax(f))] = 1.0
+    return scaled
+
+
+@FREQUENCY_NORMS.register("sum-top1")
+def _sum_top1(freq: torch.Tensor) -> torch.Tensor:
+    # The authors' code: each expert's share of the layer's routed tokens, then the top set to 1.0.
+    # A layer that spreads its tokens evenly gives each expert a small share, so the budget goes
+    # to layers whose routing is concentrated beyond their top expert.
     f = freq.double().clone()
-    top = int(torch.argmax(f))
-    f = f / f[top] if f[top] > 0 else torch.zeros_like(f)
-    f[top] = 1.0
-    return f
+    total = f.sum()
+    return _top_to_one(f, f / total if total > 0 else torch.zeros_like(f))
+
+
+@FREQUENCY_NORMS.register("max")
+def _max(freq: torch.Tensor) -> torch.Tensor:
+    # Relative to the layer's top expert: an evenly used layer scores near 1.0 everywhere.
+    f = freq.double().clone()
+    top = f.max()
+    return _top_to_one(f, f / top if top > 0 else torch.zeros_like(f))
+
+
+def normalised_frequency(freq: torch.Tensor, norm: str = "max") -> torch.Tensor:
+    """Frequencies scaled by ``norm`` (see FREQUENCY_NORMS); the most used expert has exactly 1.0."""
+    return FREQUENCY_NORMS.get(norm)(freq)
 
 
 def dominant_budget(
-    frequencies: dict[str, torch.Tensor], num_experts_avg: int, ratio: str = "adaptive"
+    frequencies: dict[str, torch.Tensor],
+    num_experts_avg: int,
+    ratio: str = "adaptive",
+    norm: str = "max",
+    allow_unused: bool = True,
 ) -> dict[str, int]:
-    """Number of dominant experts per merged layer; sums to ``num_experts_avg * len(frequencies)``.
+    """Number of dominant experts per merged layer, at most ``num_experts_avg * len(frequencies)``.
 
-    ``adaptive``: the top normalised frequencies over all layers win, so busier layers keep more
-    (ties go to the earlier layer, then the lower expert index); every layer keeps at least one.
-    ``uniform``: the same in every layer.
+    ``adaptive``: the top normalised frequencies (``norm``) over all layers win, so busier layers
+    keep more (ties go to the earlier layer, then the lower expert index); every layer keeps at
+    least one. ``uniform``: the same in every layer. With ``allow_unused=False`` (the authors'
+    code) an expert that received no token is never made dominant unless its layer has nothing
+    else: the budget it would take stays unspent, so the sum can fall short of the target.
     """
     names = list(frequencies)
     sizes = {n: len(frequencies[n]) for n in names}
@@ -134,12 +165,15 @@ def dominant_budget(
             f"group.num_experts_avg={num_experts_avg} x {len(names)} merged layers = {total} dominant experts, "
             f"but those layers hold only {sum(sizes.values())}"
         )
+    used = {n: max(1, int((frequencies[n] > 0).sum())) for n in names}
     if ratio == "uniform":
         if any(num_experts_avg > s for s in sizes.values()):
             raise ValueError(
                 f"group.num_experts_avg={num_experts_avg} exceeds a layer's expert count {min(sizes.values())}"
             )
-        return {n: num_experts_avg for n in names}
+        if allow_unused:
+            return {n: num_experts_avg for n in names}
+        return {n: min(num_experts_avg, used[n]) for n in names}
     if ratio != "adaptive":
         raise ValueError(f"unknown group.ratio {ratio!r}; valid choices: adaptive, uniform")
     # Every merged layer keeps its most used expert first: with ties at 1.0 in earlier layers a
@@ -147,9 +181,12 @@ def dominant_budget(
     budget = dict.fromkeys(names, 1)
     entries = []
     for li, n in enumerate(names):
-        norm = normalised_frequency(frequencies[n]).tolist()
-        top = max(range(len(norm)), key=lambda e: (norm[e], -e))
-        entries.extend((-v, li, e) for e, v in enumerate(norm) if e != top)
+        counts = frequencies[n].tolist()
+        scores = normalised_frequency(frequencies[n], norm).tolist()
+        top = max(range(len(scores)), key=lambda e: (scores[e], -e))
+        entries.extend(
+            (-v, li, e) for e, v in enumerate(scores) if e != top and (allow_unused or counts[e] > 0)
+        )
     entries.sort()
     for _, li, _ in entries[: total - len(names)]:
         budget[names[li]] += 1
@@ -184,10 +221,17 @@ def group_experts(
     num_experts_avg: int,
     similarity: str,
     ratio: str = "adaptive",
+    norm: str = "max",
+    allow_unused: bool = True,
 ) -> dict:
-    """Groups for every SMoE layer; layers not merged keep each expert in its own group."""
+    """Groups for every SMoE layer; layers not merged keep each expert in its own group.
+
+    ``norm`` and ``allow_unused`` shape the dominant-expert budget (see :func:`dominant_budget`).
+    """
     sim_fn = SIMILARITIES.get(similarity)
-    budget = dominant_budget({n: frequencies[n] for n in merge_layers}, num_experts_avg, ratio)
+    budget = dominant_budget(
+        {n: frequencies[n] for n in merge_layers}, num_experts_avg, ratio, norm, allow_unused
+    )
     layers = {}
     for name, freq in frequencies.items():
         if name in budget:
@@ -200,7 +244,15 @@ def group_experts(
             }
         else:
             layers[name] = {"merged": False, "groups": [[e] for e in range(len(freq))]}
-    return {"similarity": similarity, "ratio": ratio, "num_experts_avg": num_experts_avg, "layers": layers}
+    return {
+        "similarity": similarity,
+        "ratio": ratio,
+        "frequency_norm": norm,
+        "num_experts_avg": num_experts_avg,
+        "dominant_experts": sum(budget.values()),
+        "budget_unspent": num_experts_avg * len(budget) - sum(budget.values()),
+        "layers": layers,
+    }
 
 
 def validate_groups(groups: dict, num_experts: dict[str, int]) -> None:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.adapters import adapter_for
 from pipeline.checkpointing import Checkpointing, rng_state, set_rng_state
 from pipeline.data import batches
+from pipeline.registry import Registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,20 +75,45 @@ def router_loss(out, z_coef: float, aux_coef: float) -> torch.Tensor:
     return total
 
 
+# form(per-token KL [n_tokens], batch size, temperature) -> the KD term.
+KDLoss = Callable[[torch.Tensor, int, float], torch.Tensor]
+KD_LOSSES: Registry[KDLoss] = Registry("KD loss")
+# Hinton et al.: mean KL over target tokens, times T^2 so gradients keep their size as T changes.
+KD_LOSSES.register("hinton")(lambda kl, batch, t: kl.mean() * t**2)
+# The authors' code: KLDivLoss(reduction="batchmean") on [batch, positions, vocab], i.e. KL summed
+# over positions and divided by the batch size, no T^2. (Their sum also runs over padded target
+# positions; here they are left out, which changes nothing when targets have equal length.)
+KD_LOSSES.register("reference")(lambda kl, batch, t: kl.sum() / batch)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
     shift: bool = False,
+    form: str = "hinton",
 ) -> torch.Tensor:
-    """KL(teacher || student) at temperature T over target tokens, scaled by T^2 (Hinton et al.)."""
+    """KL(teacher || student) at temperature T over target tokens, reduced as ``form`` says."""
+    reduce = KD_LOSSES.get(form)
     student_logits, _ = aligned(student_logits, labels, shift)
     teacher_logits, labels = aligned(teacher_logits, labels, shift)
     mask = labels != -100
     s = F.log_softmax(student_logits.float()[mask] / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float()[mask] / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    per_token = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    return reduce(per_token, labels.shape[0], temperature)
+
+
+def freeze_routers(model: nn.Module) -> int:
+    """Stop every SMoE router from training (the authors' KD); returns how many tensors froze."""
+    adapter = adapter_for(model)
+    frozen = 0
+    for layer in adapter.sparse_layers(model):
+        for p in adapter.router(layer).parameters():
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 @torch.no_grad()
@@ -108,6 +134,47 @@ def score_classes(model: nn.Module, batch: dict, class_targets: list[list[int]])
 
 
 @torch.no_grad()
+def class_log_probs(
+    model: nn.Module,
+    rows: list[dict],
+    class_targets: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "float32",
+) -> torch.Tensor:
+    """``[rows, classes]``: each class target's log-likelihood, renormalised over the classes.
+
+    The model's prediction is the argmax; two models' rows can be compared as distributions (e.g.
+    KL divergence), which moves where accuracy, a count of argmax flips, does not.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in batches(rows, batch_size, pad_id):
+        batch = _to(batch, device)
+        with autocast(device, dtype):
+            scores = score_classes(model, batch, class_targets)
+        out.append(scores.float().log_softmax(-1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def correct_per_example(
+    model: nn.Module,
+    rows: list[dict],
+    class_targets: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "float32",
+) -> list[bool]:
+    """Whether the most likely class target is the right one, for each row in order."""
+    logp = class_log_probs(model, rows, class_targets, pad_id, batch_size, device, dtype)
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    return (logp.argmax(-1) == labels).tolist()
+
+
 def evaluate_accuracy(
     model: nn.Module,
     rows: list[dict],
@@ -118,16 +185,8 @@ def evaluate_accuracy(
     dtype: str = "float32",
 ) -> float:
     """Accuracy of picking the most likely class target."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for batch in batches(rows, batch_size, pad_id):
-        batch = _to(batch, device)
-        with autocast(device, dtype):
-            pred = score_classes(model, batch, class_targets).argmax(-1)
-        correct += (pred == batch["class_label"]).sum().item()
-    model.train(was_training)
-    return correct / len(rows)
+    correct = correct_per_example(model, rows, class_targets, pad_id, batch_size, device, dtype)
+    return sum(correct) / len(rows)
 
 
 @dataclass
@@ -142,6 +201,7 @@ class TrainSettings:
     router_z_loss_coef: float
     router_aux_loss_coef: float
     eval_every_epochs: float = 1.0
+    bucket_batches: int = 0
 
 
 @dataclass
@@ -195,6 +255,7 @@ class KDSettings:
     teacher: nn.Module
     alpha: float
     temperature: float
+    loss: str = "hinton"
 
 
 def train(
@@ -273,7 +334,14 @@ def train(
         set_rng_state(saved["rng"])
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     while step < total:
-        epoch_batches = batches(train_rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch)
+        epoch_batches = batches(
+            train_rows,
+            settings.batch_size,
+            pad_id,
+            shuffle=True,
+            seed=seed + epoch,
+            bucket_batches=settings.bucket_batches,
+        )
         for batch_index, batch in enumerate(epoch_batches):
             if batch_index < skip:  # already trained on before the run was interrupted
                 continue
@@ -288,7 +356,7 @@ def train(
                     with torch.no_grad():
                         t_out = model_forward(kd.teacher, batch, with_router=False)
                     loss = loss + kd.alpha * kd_loss(
-                        out.logits, t_out.logits, batch["labels"], kd.temperature, shift
+                        out.logits, t_out.logits, batch["labels"], kd.temperature, shift, kd.loss
                     )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -377,7 +445,14 @@ def prune_without_training(
     step, epoch = 0, 0
     try:
         while step < total:
-            for batch in batches(rows, settings.batch_size, pad_id, shuffle=True, seed=seed + epoch):
+            for batch in batches(
+                rows,
+                settings.batch_size,
+                pad_id,
+                shuffle=True,
+                seed=seed + epoch,
+                bucket_batches=settings.bucket_batches,
+            ):
                 batch = _to(batch, device)
                 model.zero_grad(set_to_none=True)
                 with autocast(device, dtype):

@@ -20,10 +20,22 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.ablations import AblationSpec, check_spec, load_spec, markdown_table, replace_block, summarise
+from pipeline.ablations import (
+    FIDELITY,
+    REPORTED,
+    AblationSpec,
+    check_spec,
+    load_spec,
+    markdown_table,
+    replace_block,
+    summarise,
+)
 from pipeline.config import ParamsError
 
 METRIC_FILES = ("evaluate", "kd_finetune", "group", "align")
+# Per-example correctness of every evaluated model, for the paired bootstrap CIs of the summary.
+# Experiments from before evaluate wrote it have none; their rows fall back to seed means.
+PREDICTIONS_FILE = "metrics/predictions.json"
 
 
 def _cli() -> argparse.Namespace:
@@ -65,13 +77,15 @@ def _exp_ref(name: str) -> str | None:
     return next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
 
 
+def _show_json(ref: str, path: str) -> dict | None:
+    """The JSON file ``path`` as committed in ``ref``; None where the ref has no such file."""
+    res = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
+    return json.loads(res.stdout) if res.returncode == 0 else None
+
+
 def _metrics(ref: str) -> dict[str, dict]:
-    out = {}
-    for stage in METRIC_FILES:
-        res = subprocess.run(["git", "show", f"{ref}:metrics/{stage}.json"], capture_output=True, text=True)
-        if res.returncode == 0:
-            out[stage] = json.loads(res.stdout)
-    return out
+    found = {stage: _show_json(ref, f"metrics/{stage}.json") for stage in METRIC_FILES}
+    return {stage: m for stage, m in found.items() if m is not None}
 
 
 def _env(params: dict) -> dict[str, str]:
@@ -86,6 +100,19 @@ def _env(params: dict) -> dict[str, str]:
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def _trim(predictions: dict | None) -> dict | None:
+    """What the summary compares (the reported models' correctness, the merged model's KL), so
+    that metrics/ablations.json stays small."""
+    if predictions is None:
+        return None
+    return {
+        "split": predictions.get("split"),
+        "n": predictions.get("n"),
+        "correct": {k: v for k, v in predictions.get("correct", {}).items() if k in REPORTED},
+        "kl_to_full": {k: v for k, v in predictions.get("kl_to_full", {}).items() if k == FIDELITY},
+    }
 
 
 def _write(out: Path, spec: AblationSpec, runs: list[dict]) -> dict:
@@ -169,13 +196,15 @@ def main() -> None:
                     "accuracy": {k: v["accuracy"] for k, v in evaluation.items()},
                     "expert_params": {k: v["expert_params"] for k, v in evaluation.items()},
                     "metrics": metrics,
+                    "predictions": _trim(_show_json(ref, PREDICTIONS_FILE)),
                 }
             )
             _write(out, spec, runs)
             acc = runs[-1]["accuracy"]
             print(
                 f"[{i}/{len(todo)}] {name}: merged={acc.get('merged', float('nan')):.4f} "
-                f"m_smoe={acc.get('m_smoe', float('nan')):.4f} ({runs[-1]['seconds']:.0f} s)",
+                f"m_smoe={acc.get('m_smoe', float('nan')):.4f} "
+                f"mc_smoe={acc.get('mc_smoe', float('nan')):.4f} ({runs[-1]['seconds']:.0f} s)",
                 flush=True,
             )
     if args.dry_run:

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             params.align.reference,
             {n: p.frequency for n, p in profiles.items()},
             {n: p.inputs for n, p in profiles.items() if p.inputs is not None},
+            include_wo=params.align.include_wo,
         )
         # Alignment must not change what the model computes; record the evidence.
         diff = float((_logits(model, check) - before).abs().max())

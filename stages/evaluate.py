@@ -1,7 +1,11 @@
 """Stage evaluate: full, merged, M-SMoE, MC-SMoE and C-SMoE side by side, in one run.
 
-Classification tasks are scored on their dev split; language-modelling tasks by test perplexity and
-zero-shot accuracy on the prepared multiple-choice tasks.
+Classification tasks are scored on ``evaluate.split`` (default: the labelled test split; dev picks
+the checkpoints), and ``--predictions`` records which examples each variant got right, for paired
+comparisons, with each variant's per-example KL divergence from the full model's class
+distribution: how far merging and compression moved the function, even where no prediction flips.
+Language-modelling tasks are scored by test perplexity and zero-shot accuracy on the
+prepared multiple-choice tasks.
 
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
 with the router remapped or pruned to one output per group.
@@ -12,12 +16,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 from pipeline.adapters import adapter_for
 from pipeline.config import flatten
 from pipeline.data import load_prepared
-from pipeline.evaluation import evaluate_lm_variant, evaluate_variant
+from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference
 from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.routing import router_mode_variants
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
@@ -30,17 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True)
     for v in VARIANTS:
         p.add_argument(f"--{v.replace('_', '-')}", required=True, help=f"{v} model folder")
+    p.add_argument("--predictions", default=None, help="JSON of per-example correctness per variant")
     args = p.parse_args(argv)
     params = load(args)
+    e = params.evaluate
     with stop_on_bad_input():
         task = load_prepared(args.data, splits=())
-        task = load_prepared(args.data, splits=("test",) if task.objective == "lm" else ("dev",))
+        split = "test" if task.objective == "lm" else e.split
+        task = load_prepared(args.data, splits=(split,))
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
         models = {v: load_model(f) for v, f in folders.items()}
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
-    e = params.evaluate
-    results = {}
+    results, logps = {}, {}
     with (
         tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
         mlflow_run(params, args.params, "evaluate", section(params, "evaluate", "runtime")) as run,
@@ -58,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
                     model, folders[v], task, e.batch_size, e.speed_batches, device, params.runtime.dtype
                 )
             else:
-                results[v] = evaluate_variant(
+                results[v], logps[v] = evaluate_variant(
                     model,
                     folders[v],
-                    task.splits["dev"],
+                    task.splits[split],
                     task.label_token_ids(),
                     task.tokenizer.pad_token_id,
                     task.metric,
@@ -70,9 +77,35 @@ def main(argv: list[str] | None = None) -> None:
                     device,
                     params.runtime.dtype,
                 )
+            if v in logps and "full" in logps:
+                kl = kl_to_reference(logps["full"], logps[v])
+                results[v]["kl_to_full"] = float(kl.mean())
+                results[v]["agreement_with_full"] = float(
+                    (logps[v].argmax(-1) == logps["full"].argmax(-1)).float().mean()
+                )
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
             run.log_metrics(results[v], prefix=f"{v}.")
         write_json(results, args.metrics)
+        if args.predictions and logps:
+            rows = task.splits[split]
+            labels = torch.tensor([int(r["label"]) for r in rows])
+            write_json(
+                {
+                    "split": split,
+                    "n": len(rows),
+                    "correct": {
+                        v: "".join("1" if c else "0" for c in (lp.argmax(-1) == labels).tolist())
+                        for v, lp in logps.items()
+                    },
+                    # nats, rounded: enough to compare means over thousands of examples.
+                    "kl_to_full": {
+                        v: [round(x, 6) for x in kl_to_reference(logps["full"], lp).tolist()]
+                        for v, lp in logps.items()
+                        if v != "full"
+                    },
+                },
+                args.predictions,
+            )
     # One run per pipeline execution with every param, so runs compare side by side in the MLflow UI.
     all_params = yaml.safe_load(Path(args.params).read_text())
     with mlflow_run(params, args.params, "pipeline", flatten(all_params), run_name="pipeline") as run:

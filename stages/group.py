@@ -53,7 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     freqs = {n: prof.frequency for n, prof in profiles.items()}
     # Grouping is cheap: do it (and fail on an impossible budget) before anything is logged or written.
     try:
-        groups = group_experts(data, freqs, merge_names, g.num_experts_avg, g.similarity, g.ratio)
+        groups = group_experts(
+            data,
+            freqs,
+            merge_names,
+            g.num_experts_avg,
+            g.similarity,
+            g.ratio,
+            g.frequency_norm,
+            g.dominant_unused,
+        )
         validate_groups(groups, n_exp)
     except ValueError as err:
         sys.exit(f"error: group: {err}")
@@ -72,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             "experts_after_merged_layers": sum(merged.values()),
             "kept_fraction_merged_layers": round(sum(merged.values()) / sum(n_exp[n] for n in merged), 4),
             "experts_per_layer": {n: len(v["groups"]) for n, v in groups["layers"].items()},
+            # Budget left unspent because only unused experts were left (group.dominant_unused).
+            "budget_unspent": groups["budget_unspent"],
             "seconds": round(time.time() - t0, 2),
         }
         run.log_metrics(metrics)

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.adapters import adapter_for
 from pipeline.analysis import remaining_param_ratios
 from pipeline.checkpointing import TrainingCheckpointError
-from pipeline.compression import ColumnPruner, finalize_compact
+from pipeline.compression import SparsePruner, finalize_compact
 from pipeline.data import load_prepared
 from pipeline.evaluation import expert_stats
 from pipeline.modeling import (
@@ -26,7 +26,14 @@ from pipeline.modeling import (
 )
 from pipeline.plots import plot_remaining_params
 from pipeline.routing import set_router_mode
-from pipeline.training import KDSettings, TrainSettings, dev_metric_for, prune_without_training, train
+from pipeline.training import (
+    KDSettings,
+    TrainSettings,
+    dev_metric_for,
+    freeze_routers,
+    prune_without_training,
+    train,
+)
 from stages.common import (
     checkpointing,
     lineage,
@@ -46,6 +53,9 @@ COMPRESS_KEYS = (
     "compress.cooldown_frac",
     "compress.beta1",
     "compress.beta2",
+    "compress.prune_axis",
+    "compress.prune_score",
+    "compress.regrow",
 )
 
 
@@ -85,9 +95,20 @@ def main(argv: list[str] | None = None) -> None:
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
             if compressed:
-                pruner = ColumnPruner(
-                    student, c.sparse_ratio, c.warmup_frac, c.cooldown_frac, c.schedule, c.beta1, c.beta2
+                pruner = SparsePruner(
+                    student,
+                    c.sparse_ratio,
+                    c.warmup_frac,
+                    c.cooldown_frac,
+                    c.schedule,
+                    c.beta1,
+                    c.beta2,
+                    axis=c.prune_axis,
+                    score=c.prune_score,
+                    regrow=c.regrow,
                 )
+            if kd.freeze_router:
+                freeze_routers(student)
             dev = dev_metric_for(task, "dev", settings.eval_batch_size, device, params.runtime.dtype)
             ckpt = None
             if params.zero_shot:
@@ -118,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                         device,
                         params.runtime.dtype,
                         seed=params.merge_seed,
-                        kd=KDSettings(teacher, kd.alpha, kd.temperature),
+                        kd=KDSettings(teacher, kd.alpha, kd.temperature, kd.loss),
                         step_hook=pruner,
                         eligible_from=pruner.final_step if pruner else None,
                         log=run.log_metrics,

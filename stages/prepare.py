@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         splits = load_task(d.task, resolve_data_dir(d.data_dir, base=ROOT))
     splits["train"] = subsample(splits["train"], d.max_train_samples, params.seed)
     splits["dev"] = subsample(splits["dev"], d.max_dev_samples, params.seed)
+    if "test" in splits:
+        splits["test"] = subsample(splits["test"], d.max_test_samples, params.seed)
     spec = TASKS.get(d.task)
     texts = [e.source for e in splits["train"]] + list(spec.label_words)
     tokenizer = _tokenizer(params, texts, list(spec.label_words))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -20,6 +22,7 @@ from pipeline.align import ALIGNERS
 from pipeline.config import ParamsError
 from pipeline.grouping import SIMILARITIES
 from pipeline.merging import MERGE_STRATEGIES
+from pipeline.stats import seed_example_bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +69,7 @@ def test_overrides_order_seed_then_common_then_variant(shipped):
 def test_apply_overrides_sets_nested_keys_without_touching_input(params):
     out = apply_overrides(params, {"kd.train.epochs": 0.5, "merge.strategy": "uniform"})
     assert out["kd"]["train"]["epochs"] == 0.5 and out["merge"]["strategy"] == "uniform"
-    assert params["kd"]["train"]["epochs"] == 1
+    assert params["kd"]["train"]["epochs"] == 0.3
 
 
 @pytest.mark.parametrize(
@@ -169,20 +172,172 @@ def test_summary_statistics():
     assert summary["unrun"]["m_smoe"] is None and summary["unrun"]["seeds"] == []
 
 
-def test_table_compares_sign_with_paper_and_respects_spread():
-    table = markdown_table(_spec(), summarise(_spec(), _runs()))
-    rows = {
+def _rows(table: str) -> dict[str, list[str]]:
+    """Table cells by variant name, from the rows below the header."""
+    return {
         line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
         for line in table.splitlines()[2:]
     }
-    assert rows["worse"][6] == "-10.00" and rows["worse"][8] == "yes"
-    assert rows["better"][6] == "+9.00" and rows["better"][8] == "no"
-    assert rows["noisy"][8] == "within spread"
-    assert (
-        rows["unrun"][5] == "not run" and rows["unrun"][8] == "-" and rows["unrun"][7] == "not in the paper"
-    )
-    assert rows["default"][5] == "81.00 ± 1.00"
+
+
+# Columns of the table.
+ACC_M, ACC_MC, DELTA_M, DELTA_MC, KL, DELTA_KL, PAPER, AGREES = 5, 6, 7, 8, 9, 10, 11, 12
+
+
+def test_table_header_has_every_reported_model_and_both_deltas():
+    header = markdown_table(_spec(), summarise(_spec(), _runs())).splitlines()[0]
+    cols = [c.strip() for c in header.split("|")[1:-1]]
+    assert cols[4:] == [
+        "merged acc. (%)",
+        "M-SMoE acc. (%)",
+        "MC-SMoE acc. (%)",
+        "Δ M-SMoE (pts, 95% CI)",
+        "Δ MC-SMoE (pts, 95% CI)",
+        "merged KL to full (10⁻³ nats)",
+        "Δ KL (10⁻³ nats, 95% CI)",
+        "Paper",
+        "Agrees: accuracy; fidelity",
+    ]
+
+
+def test_without_predictions_the_table_falls_back_to_seed_means():
+    summary = summarise(_spec(), _runs())
+    assert summary["worse"]["delta"]["m_smoe"] is None and "delta" not in summary["default"]
+    rows = _rows(markdown_table(_spec(), summary))
+    assert rows["worse"][DELTA_M] == "-10.00 (no CI)" and rows["worse"][AGREES] == "yes"
+    assert rows["worse"][DELTA_MC] == "-10.00 (no CI)"
+    assert rows["better"][DELTA_M] == "+9.00 (no CI)" and rows["better"][AGREES] == "no"
+    assert rows["noisy"][AGREES] == "within spread"
+    assert rows["unrun"][ACC_M] == "not run" and rows["unrun"][DELTA_M] == "-"
+    assert rows["unrun"][AGREES] == "-" and rows["unrun"][PAPER] == "not in the paper"
+    assert rows["default"][ACC_M] == "81.00 ± 1.00" and rows["default"][ACC_MC] == "79.00 ± 1.00"
+    assert rows["default"][DELTA_M] == "-" and rows["default"][AGREES] == "-"
     assert rows["worse"][2] == "`merge.strategy=uniform`"
+
+
+# Predictions over N examples. The reference is right on 160 of 200 in every seed; the variants
+# differ from it on a few examples, so each Δ is known exactly.
+N = 200
+
+
+def _flip(base: np.ndarray, positions: slice, value: int) -> np.ndarray:
+    out = base.copy()
+    out[positions] = value
+    return out
+
+
+BASE = (np.arange(N) % 5 != 0).astype(int)  # 160 right
+MINUS_10 = _flip(BASE, slice(1, None, 10), 0)  # 20 fewer right
+PLUS_5 = _flip(BASE, slice(0, None, 20), 1)  # 10 more right, all where BASE is wrong
+MINUS_5 = _flip(BASE, slice(1, None, 20), 0)  # 10 fewer right
+
+# variant -> model -> one correctness vector per seed 1, 2, 3
+CORRECT = {
+    "default": {"m_smoe": [BASE] * 3, "mc_smoe": [BASE] * 3},
+    "worse": {"m_smoe": [MINUS_10] * 3, "mc_smoe": [BASE] * 3},
+    "better": {"m_smoe": [PLUS_5] * 3, "mc_smoe": [PLUS_5] * 3},
+    # The seeds disagree: +5, -5 and 0 points average to 0.
+    "noisy": {"m_smoe": [PLUS_5, MINUS_5, BASE], "mc_smoe": [BASE] * 3},
+    "unpapered": {"m_smoe": [MINUS_10] * 3, "mc_smoe": [MINUS_10] * 3},
+}
+
+
+def _pred_spec() -> AblationSpec:
+    return AblationSpec(
+        seeds=[1, 2, 3],
+        variants=[
+            {"name": "default", "study": "ref"},
+            {"name": "worse", "study": "t", "paper": "below"},
+            {"name": "better", "study": "t", "paper": "below"},
+            {"name": "noisy", "study": "t", "paper": "above"},
+            {"name": "unpapered", "study": "t", "note": "ours"},
+        ],
+    )
+
+
+def _pred_runs() -> list[dict]:
+    runs = []
+    for name, models in CORRECT.items():
+        for s in range(3):
+            correct = {k: "".join(map(str, v[s])) for k, v in models.items()} | {
+                "merged": "".join(map(str, BASE))
+            }
+            runs.append(
+                {
+                    "variant": name,
+                    "seed": s + 1,
+                    "accuracy": {k: float(np.mean([int(c) for c in v])) for k, v in correct.items()},
+                    "predictions": {"split": "test", "n": N, "correct": correct},
+                }
+            )
+    return runs
+
+
+def _cell(ci: dict) -> str:
+    low, high = ci["ci_seeds_examples"]
+    return f"{100 * ci['diff']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def test_summary_has_the_paired_bootstrap_against_the_reference():
+    summary = summarise(_pred_spec(), _pred_runs())
+    worse = summary["worse"]["delta"]["m_smoe"]
+    assert worse == {
+        **seed_example_bootstrap_ci(CORRECT["worse"]["m_smoe"], CORRECT["default"]["m_smoe"]),
+        "level": 0.95,
+        "seeds": [1, 2, 3],
+    }
+    assert worse["diff"] == pytest.approx(-0.10) and worse["ci_seeds_examples"][1] < 0
+    assert summary["worse"]["delta"]["merged"]["ci_seeds_examples"] == [0.0, 0.0]
+    assert summary["worse"]["mc_smoe"]["mean"] == pytest.approx(0.80)
+    noisy = summary["noisy"]["delta"]["m_smoe"]
+    assert noisy["diff"] == pytest.approx(0.0)
+    assert noisy["ci_seeds_examples"][0] < noisy["ci_examples"][0] < 0 < noisy["ci_examples"][1]
+
+
+def test_table_shows_delta_with_ci_and_decides_agreement_by_it():
+    summary = summarise(_pred_spec(), _pred_runs())
+    rows = _rows(markdown_table(_pred_spec(), summary))
+    worse = rows["worse"]
+    assert worse[DELTA_M] == _cell(summary["worse"]["delta"]["m_smoe"])
+    assert re.fullmatch(r"-10\.00 \[-1\d\.\d\d, -\d\.\d\d\]", worse[DELTA_M])
+    assert worse[DELTA_MC] == "+0.00 [+0.00, +0.00]"
+    assert worse[ACC_M] == "70.00 ± 0.00" and worse[ACC_MC] == "80.00 ± 0.00"
+    assert worse[AGREES] == "yes"  # below default, as the paper says
+    assert rows["better"][DELTA_M].startswith("+5.00 [+") and rows["better"][AGREES] == "no"
+    assert rows["noisy"][DELTA_M].startswith("+0.00 [-")
+    assert rows["noisy"][AGREES] == "no difference (CI spans 0)"
+    assert rows["unpapered"][DELTA_M].startswith("-10.00 [") and rows["unpapered"][AGREES] == "-"
+    assert rows["default"][DELTA_M] == "-" and rows["default"][AGREES] == "-"
+
+
+def test_runs_are_paired_by_seed_and_missing_predictions_fall_back():
+    runs = [
+        r
+        for r in _pred_runs()
+        if not (r["variant"] == "worse" and r["seed"] == 3)
+        and not (r["variant"] == "default" and r["seed"] == 1)
+    ]
+    for r in runs:
+        if r["variant"] == "better":
+            r["predictions"] = None  # an old run, from before evaluate wrote predictions
+    summary = summarise(_pred_spec(), runs)
+    assert summary["worse"]["delta"]["m_smoe"]["seeds"] == [2]
+    assert summary["worse"]["delta"]["m_smoe"]["n_seeds"] == 1
+    assert summary["better"]["delta"]["m_smoe"] is None
+    rows = _rows(markdown_table(_pred_spec(), summary))
+    assert rows["better"][DELTA_M] == "+5.00 (no CI)" and rows["better"][AGREES] == "no"
+
+
+def test_inconsistent_predictions_are_recorded_not_raised():
+    runs = _pred_runs()
+    runs[3]["predictions"]["correct"]["m_smoe"] = "1" * (N - 1)  # worse, seed 1
+    summary = summarise(_pred_spec(), runs)
+    err = summary["worse"]["delta"]["m_smoe"]["error"]
+    assert f"n = {N}, but m_smoe has {N - 1}" in err
+    # The whole file is suspect, not just the one string; other variants are unaffected.
+    assert "error" in summary["worse"]["delta"]["mc_smoe"]
+    assert "error" not in summary["better"]["delta"]["m_smoe"]
+    assert _rows(markdown_table(_pred_spec(), summary))["worse"][DELTA_M].endswith("(no CI)")
 
 
 def test_replace_block_keeps_the_rest_of_the_file():
@@ -191,3 +346,26 @@ def test_replace_block_keeps_the_rest_of_the_file():
     assert out == "intro\n<!-- ablations:start -->\n| new |\n<!-- ablations:end -->\noutro\n"
     with pytest.raises(ValueError, match="markers"):
         replace_block("no markers", "x", "ablations")
+
+
+def test_fidelity_delta_is_the_paired_kl_difference_and_lower_kl_is_better():
+    # "worse" moves the merged model twice as far from the full one as "default" on every example.
+    runs = _pred_runs()
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.001, 0.01, size=N)
+    for r in runs:
+        scale = {"worse": 2.0, "better": 0.5}.get(r["variant"], 1.0)
+        r["predictions"]["kl_to_full"] = {"merged": (base * scale).tolist()}
+    summary = summarise(_pred_spec(), runs)
+    assert summary["default"]["kl_to_full"]["merged"]["mean"] == pytest.approx(base.mean())
+    worse = summary["worse"]["kl_delta"]["merged"]
+    assert worse["diff"] == pytest.approx(base.mean()) and worse["ci_seeds_examples"][0] > 0
+    assert summary["noisy"]["kl_delta"]["merged"]["ci_seeds_examples"] == [0.0, 0.0]
+    rows = _rows(markdown_table(_pred_spec(), summary))
+    assert rows["worse"][KL] == f"{2000 * base.mean():.2f} ± 0.00"
+    assert rows["worse"][DELTA_KL].startswith(f"{1000 * base.mean():+.2f} [")
+    # Paper says "below" for both: a higher KL agrees, a lower one does not.
+    assert rows["worse"][AGREES] == "yes; yes"
+    assert rows["better"][AGREES].endswith("; no")
+    assert rows["noisy"][AGREES].endswith("; no difference")
+    assert rows["unpapered"][AGREES] == "-"

@@ -13,7 +13,7 @@ from pipeline.analysis import (
     stable_rank,
     stable_rank_change,
 )
-from pipeline.compression import ColumnPruner, compress_model, finalize_compact
+from pipeline.compression import SparsePruner, compress_model, finalize_compact
 from pipeline.evaluation import model_memory_bytes, peak_forward_memory
 from pipeline.merging import merge_model
 from pipeline.plots import plot_remaining_params, plot_stable_rank_change
@@ -78,7 +78,7 @@ def test_remaining_ratios_one_for_dense_and_match_compact_storage(tiny_model, ba
     dense = remaining_param_ratios(tiny_model, adapter)
     assert all(r == [1.0] * 8 for r in dense.values())
     compress_model(tiny_model, adapter, rank=4, scope="all")
-    pruner = ColumnPruner(tiny_model, target=0.25, warmup_frac=0.0, cooldown_frac=0.0)
+    pruner = SparsePruner(tiny_model, target=0.25, warmup_frac=0.0, cooldown_frac=0.0)
     backward(tiny_model, batch)
     pruner(9, 10)
     masked = remaining_param_ratios(tiny_model, adapter)
@@ -111,7 +111,7 @@ def test_compact_model_takes_less_memory(tiny_model, batch):
     adapter = adapter_for(tiny_model)
     full = copy.deepcopy(tiny_model)
     compress_model(tiny_model, adapter, rank=4, scope="all")
-    pruner = ColumnPruner(tiny_model, target=0.1, warmup_frac=0.0, cooldown_frac=0.0)
+    pruner = SparsePruner(tiny_model, target=0.1, warmup_frac=0.0, cooldown_frac=0.0)
     backward(tiny_model, batch)
     pruner(9, 10)
     finalize_compact(tiny_model)

@@ -184,7 +184,10 @@ def test_every_dvc_params_key_exists(dvc_file):
 @pytest.mark.parametrize("dvc_file", PIPELINES)
 def test_every_dvc_dep_exists(dvc_file):
     dvc = yaml.safe_load((ROOT / dvc_file).read_text())
-    outs = {o for s in dvc["stages"].values() for o in s.get("outs", [])}
+    # An out is a path, or a one-key mapping of a path to its options (e.g. cache: false).
+    outs = {
+        o if isinstance(o, str) else next(iter(o)) for s in dvc["stages"].values() for o in s.get("outs", [])
+    }
     for name, stage in dvc["stages"].items():
         for dep in stage["deps"]:
             assert dep in outs or (ROOT / dep).exists(), f"stage {name}: dep {dep} missing"

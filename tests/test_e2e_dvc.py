@@ -142,6 +142,13 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert c["experts_total"] == full["experts_total"] and c["expert_params"] < full["expert_params"]
     for stage in STAGES:
         assert (repo / "metrics" / f"{stage}.json").is_file(), stage
+    # Which test examples each variant got right, for paired comparisons: the same examples for all.
+    predictions = json.loads((repo / "metrics" / "predictions.json").read_text())
+    assert predictions["split"] == "test" and predictions["n"] == 128
+    assert set(predictions["correct"]) == EVALUATED
+    for name, correct in predictions["correct"].items():
+        assert len(correct) == 128 and set(correct) <= {"0", "1"}, name
+        assert correct.count("1") / 128 == pytest.approx(metrics[name]["accuracy"]), name
     for plot in ("expert_usage", "groups", "stable_rank", "remaining_params"):
         assert (repo / "plots" / f"{plot}.png").stat().st_size > 0, plot
     merge_metrics = json.loads((repo / "metrics" / "merge.json").read_text())

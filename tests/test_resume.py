@@ -10,7 +10,7 @@ import torch
 
 from pipeline.adapters import adapter_for
 from pipeline.checkpointing import STATE_FILE, Checkpointing, TrainingCheckpointError
-from pipeline.compression import ColumnPruner, compress_model
+from pipeline.compression import SparsePruner, compress_model
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model
 from pipeline.training import KDSettings, TrainSettings, train
@@ -66,7 +66,7 @@ def _stop_at(step_hook, at: int):
 def _kd_run(teacher, rows, ckpt=None, interrupt_at=None):
     """KD with column pruning (the kd_finetune recipe); optionally interrupted after a step."""
     model = _student(teacher)
-    pruner = ColumnPruner(model, target=0.25, warmup_frac=0.1, cooldown_frac=0.2)
+    pruner = SparsePruner(model, target=0.25, warmup_frac=0.1, cooldown_frac=0.2)
     hook = pruner if interrupt_at is None else _stop_at(pruner, interrupt_at)
     # The pruner's state must travel in the checkpoint even when wrapped: expose it.
     if interrupt_at is not None:

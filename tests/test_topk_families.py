@@ -10,7 +10,7 @@ import torch
 
 from pipeline.adapters import ADAPTERS, adapter_for
 from pipeline.align import align_model
-from pipeline.compression import ColumnPruner, compress_model, finalize_compact
+from pipeline.compression import SparsePruner, compress_model, finalize_compact
 from pipeline.data import batches, train_bpe_tokenizer
 from pipeline.evaluation import expert_stats, speed_and_flops
 from pipeline.grouping import LayerData, group_experts, merged_layer_names, validate_groups
@@ -323,7 +323,7 @@ def test_tiny_end_to_end_run(family, lm_data, tmp_path):
     counts = [adapter.num_experts(ly) for ly in layers]
     assert counts[0] == 4 and sum(counts[1:]) == 4  # first layer skipped; 2 per merged layer on average
     compress_model(model, adapter, 4, "merged")
-    pruner = ColumnPruner(model, 0.2, 0.0, 0.2)
+    pruner = SparsePruner(model, 0.2, 0.0, 0.2)
     prune_without_training(model, train_rows[:32], tok.pad_token_id, settings, pruner, cpu)
     assert pruner.kept_fraction() == pytest.approx(0.2, abs=0.05)
     finalize_compact(model)
