@@ -3,7 +3,9 @@
 Classification tasks are scored on ``evaluate.split`` (default: the labelled test split; dev picks
 the checkpoints), and ``--predictions`` records which examples each variant got right, for paired
 comparisons, with each variant's per-example KL divergence from the full model's class
-distribution: how far merging and compression moved the function, even where no prediction flips.
+distribution: how far merging and compression moved the function, even where no prediction flips,
+and the full model's accuracy with every expert of the merged layers zeroed (a knock-out: what
+those experts are worth at all).
 Language-modelling tasks are scored by test perplexity and zero-shot accuracy on the
 prepared multiple-choice tasks.
 
@@ -13,6 +15,7 @@ with the router remapped or pruned to one output per group.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from pipeline.adapters import adapter_for
 from pipeline.config import flatten
 from pipeline.data import load_prepared
 from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference
+from pipeline.knockout import zero_experts
 from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.routing import router_mode_variants
+from pipeline.training import evaluate_accuracy
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
@@ -83,6 +88,23 @@ def main(argv: list[str] | None = None) -> None:
                 results[v]["agreement_with_full"] = float(
                     (logps[v].argmax(-1) == logps["full"].argmax(-1)).float().mean()
                 )
+            if v == "full" and v in logps:
+                adapter = adapter_for(models["merged"])
+                merged_layers = {
+                    ly.name for ly in adapter.sparse_layers(models["merged"]) if adapter.merged_routing(ly)
+                }
+                knocked = copy.deepcopy(model)
+                zero_experts(knocked, adapter_for(knocked), merged_layers)
+                results[v]["accuracy_merged_layers_zeroed"] = evaluate_accuracy(
+                    knocked,
+                    task.splits[split],
+                    task.label_token_ids(),
+                    task.tokenizer.pad_token_id,
+                    e.batch_size,
+                    device,
+                    params.runtime.dtype,
+                )
+                del knocked
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
             run.log_metrics(results[v], prefix=f"{v}.")
         write_json(results, args.metrics)

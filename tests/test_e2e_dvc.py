@@ -123,10 +123,13 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert set(metrics) == EVALUATED
     for name, m in metrics.items():
         assert set(m) >= VARIANT_KEYS, name
+        assert 0.0 <= m["kl_to_full"] and 0.0 <= m["agreement_with_full"] <= 1.0, name
         assert 0.0 <= m["accuracy"] <= 1.0
         assert m["tokens_per_s"] > 0 and m["gflops_per_sample"] > 0
         assert m["peak_forward_bytes"] > m["model_memory_bytes"] > 0
     full, mc, c = metrics["full"], metrics["mc_smoe"], metrics["c_smoe"]
+    assert full["kl_to_full"] == 0.0 and full["agreement_with_full"] == 1.0
+    assert 0.0 <= full["accuracy_merged_layers_zeroed"] <= 1.0
     assert metrics["merged"]["experts_total"] < full["experts_total"]
     assert metrics["merged"]["bytes_on_disk"] < full["bytes_on_disk"]
     # Router modes change the router only: same experts, and a pruned router is smaller.

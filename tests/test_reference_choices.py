@@ -236,3 +236,22 @@ def test_defaults_follow_the_authors_where_the_paper_is_silent():
     assert p.kd.train.router_z_loss_coef == 0 and p.kd.train.router_aux_loss_coef == 0
     assert p.compress.prune_axis == "column" and p.compress.prune_score == "mean"
     assert p.align.include_wo is True and p.evaluate.split == "test"
+
+
+# ---------------------------------------------------------------- knock-out
+
+
+def test_zero_experts_silences_only_the_named_layers(tiny_model, batch):
+    from pipeline.knockout import zero_experts
+
+    adapter = adapter_for(tiny_model)
+    layers = adapter.sparse_layers(tiny_model)
+    keep, gone = layers[0], layers[1]
+    kept_before = adapter.expert_weights(keep, 0)["wi"].clone()
+    before = logits(tiny_model, batch)
+    assert zero_experts(tiny_model, adapter, {gone.name}) == 1
+    for e in range(adapter.num_experts(gone)):
+        assert all(float(w.abs().sum()) == 0.0 for w in adapter.expert_weights(gone, e).values())
+    assert torch.equal(adapter.expert_weights(keep, 0)["wi"], kept_before)
+    after = logits(tiny_model, batch)
+    assert torch.isfinite(after).all() and not torch.allclose(after, before)
