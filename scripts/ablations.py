@@ -125,7 +125,11 @@ def _write(out: Path, spec: AblationSpec, runs: list[dict]) -> dict:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    # One line per run: each carries thousands of per-example values, which one-per-line
+    # indentation would turn into megabytes of whitespace.
+    head = json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2)
+    runs_text = ",\n".join("    " + json.dumps(r, separators=(",", ":")) for r in runs)
+    tmp.write_text(f'{head[:-2]},\n  "runs": [\n{runs_text}\n  ]\n}}\n')
     tmp.replace(out)
     return result
 

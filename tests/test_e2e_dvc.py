@@ -123,7 +123,7 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert set(metrics) == EVALUATED
     for name, m in metrics.items():
         assert set(m) >= VARIANT_KEYS, name
-        assert 0.0 <= m["kl_to_full"] and 0.0 <= m["agreement_with_full"] <= 1.0, name
+        assert m["kl_to_full"] >= 0.0 and 0.0 <= m["agreement_with_full"] <= 1.0, name
         assert 0.0 <= m["accuracy"] <= 1.0
         assert m["tokens_per_s"] > 0 and m["gflops_per_sample"] > 0
         assert m["peak_forward_bytes"] > m["model_memory_bytes"] > 0
