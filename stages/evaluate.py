@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
         models = {v: load_model(f) for v, f in folders.items()}
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
-    results, logps = {}, {}
+    results, logps, kls = {}, {}, {}
     with (
         tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
         mlflow_run(params, args.params, "evaluate", section(params, "evaluate", "runtime")) as run,
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                     params.runtime.dtype,
                 )
             if v in logps and "full" in logps:
-                kl = kl_to_reference(logps["full"], logps[v])
-                results[v]["kl_to_full"] = float(kl.mean())
+                kls[v] = kl_to_reference(logps["full"], logps[v])
+                results[v]["kl_to_full"] = float(kls[v].mean())
                 results[v]["agreement_with_full"] = float(
                     (logps[v].argmax(-1) == logps["full"].argmax(-1)).float().mean()
                 )
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                     },
                     # nats, rounded: enough to compare means over thousands of examples.
                     "kl_to_full": {
-                        v: [round(x, 6) for x in kl_to_reference(logps["full"], lp).tolist()]
-                        for v, lp in logps.items()
-                        if v != "full"
+                        v: [round(x, 6) for x in kl.tolist()] for v, kl in kls.items() if v != "full"
                     },
                 },
                 args.predictions,
