@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm ablations benchmark mlflow-ui clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations benchmark benchmark-meo mlflow-ui clean
 
 setup:
 	python3 -m venv .venv
@@ -34,6 +34,11 @@ repro:
 repro-llm:
 	$(PY) -m dvc repro llm/dvc.yaml
 
+# MEO vs vanilla MoE vs dense, upcycled from all-MiniLM-L6-v2 on SST-2, then MC-SMoE on an MEO model
+# (meo/params.yaml; about 45 min on 2 CPU cores).
+repro-meo:
+	$(PY) -m dvc repro meo/dvc.yaml
+
 # Every variant of ablations.yaml x seed as `dvc exp run --temp`; commit code changes first.
 # ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.
 ablations: repro
@@ -43,8 +48,12 @@ ablations: repro
 benchmark:
 	$(PY) -m benchmarks.switch_base_32 $(ARGS)
 
+# BERT-base-size random models: GFLOPs and wall-clock of dense, top-k MoE and MEO at k = 1, 2, 4, 8.
+benchmark-meo:
+	$(PY) -m benchmarks.meo_bert_base $(ARGS)
+
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:
-	rm -rf data/prepared models profile groups llm/data llm/models llm/profile llm/groups
+	rm -rf data/prepared models profile groups llm/data llm/models llm/profile llm/groups meo/data meo/models meo/mcsmoe

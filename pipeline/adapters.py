@@ -27,16 +27,20 @@ class SparseLayer:
     stack: str  # "encoder" or "decoder"
     position: int  # index among all SMoE layers, in forward order
     module: nn.Module
+    # The router decides once per sequence (its input and output rows are sequences, not tokens).
+    per_sequence: bool = False
 
 
 class MoEAdapter:
     """Interface every family implements."""
 
     model_type: str
-    #: Expert matrices and the axis of each that indexes the expert's hidden neurons.
-    neuron_axes: dict[str, int]
+    #: Expert tensors and the axis of each that indexes the expert's hidden neurons (None: none).
+    neuron_axes: dict[str, int | None]
     #: Causal LMs predict token t+1 at position t; encoder-decoders align logits with labels.
     shift_labels: bool = False
+    #: The model's logits are class scores (``[B, 1, classes]``), not a vocabulary to rank targets in.
+    sequence_classifier: bool = False
 
     def model_class(self) -> type:
         raise NotImplementedError
@@ -54,6 +58,10 @@ class MoEAdapter:
 
     def sparse_layers(self, model: nn.Module) -> list[SparseLayer]:
         raise NotImplementedError
+
+    def forward(self, model: nn.Module, **inputs):
+        """The model's plain forward on :meth:`task_inputs` (no router losses)."""
+        return model(**inputs, output_router_logits=False)
 
     def num_experts(self, layer: SparseLayer) -> int:
         raise NotImplementedError
@@ -140,8 +148,12 @@ class MoEAdapter:
     def permute_expert(self, layer: SparseLayer, idx: int, perm: torch.Tensor) -> None:
         """Reorder expert ``idx``'s hidden neurons (the function it computes is unchanged)."""
         w = self.expert_weights(layer, idx)
+        axes = self.neuron_axes
+        # A tensor without a hidden-neuron axis (an output bias) is the same under any permutation.
         self.set_expert_weights(
-            layer, idx, {k: v.index_select(self.neuron_axes[k], perm.to(v.device)) for k, v in w.items()}
+            layer,
+            idx,
+            {k: v if axes[k] is None else v.index_select(axes[k], perm.to(v.device)) for k, v in w.items()},
         )
 
 
@@ -575,3 +587,8 @@ ADAPTERS.register(SwitchAdapter.model_type)(SwitchAdapter())
 import pipeline.adapters_topk as adapters_topk  # noqa: E402
 
 adapters_topk.register()
+
+# Upcycled BERT-family classifiers (MoE / MEO layers) likewise.
+import pipeline.adapters_bert as adapters_bert  # noqa: E402
+
+adapters_bert.register()

@@ -26,6 +26,7 @@ def _neuron_rows(weights: dict[str, torch.Tensor], neuron_axes: dict[str, int]) 
         [
             w.movedim(neuron_axes[k], 0).reshape(w.shape[neuron_axes[k]], -1).float()
             for k, w in weights.items()
+            if neuron_axes[k] is not None  # an output bias moves with no neuron
         ],
         dim=1,
     )

@@ -32,7 +32,10 @@ def expert_stable_ranks(
     """Stable rank of each matrix of the listed experts, per layer, in the given order."""
     layers = {ly.name: ly for ly in adapter.sparse_layers(model)}
     return {
-        name: [{k: stable_rank(w) for k, w in adapter.expert_weights(layers[name], e).items()} for e in idx]
+        name: [
+            {k: stable_rank(w) for k, w in adapter.expert_weights(layers[name], e).items() if w.dim() == 2}
+            for e in idx
+        ]
         for name, idx in experts.items()
     }
 

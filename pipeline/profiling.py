@@ -56,7 +56,14 @@ class LayerProfile:
 
 
 def _tokens_mask(batch: dict) -> dict[str, torch.Tensor]:
-    return {"encoder": batch["attention_mask"].bool(), "decoder": batch["labels"] != -100}
+    return {
+        "encoder": batch["attention_mask"].bool(),
+        "decoder": batch["labels"] != -100,
+        # Routers that decide once per sequence see one row per sequence, never padding.
+        "sequence": torch.ones(
+            batch["input_ids"].shape[0], dtype=torch.bool, device=batch["input_ids"].device
+        ),
+    }
 
 
 def _forward(model: nn.Module, batch: dict):
@@ -101,7 +108,9 @@ def profile_routing(
     for layer in layers:
         n_out = adapter.num_experts(layer)
 
-        def hook(_mod, inputs, output, name=layer.name, stack=layer.stack, n=n_out):
+        stack = "sequence" if layer.per_sequence else layer.stack
+
+        def hook(_mod, inputs, output, name=layer.name, stack=stack, n=n_out):
             dispatch, logits = adapter.routing_from_output(output, n)
             keep = masks[stack].reshape(-1)
             d = dispatch.reshape(-1, dispatch.shape[-1])[keep].float()

@@ -47,7 +47,7 @@ def model_forward(model: nn.Module, batch: dict, with_router: bool = True):
     inputs = adapter.task_inputs(model, batch)
     if with_router:
         return adapter.forward_with_router_losses(model, **inputs)
-    return model(**inputs, output_router_logits=False)
+    return adapter.forward(model, **inputs)
 
 
 def aligned(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +118,13 @@ def freeze_routers(model: nn.Module) -> int:
 
 @torch.no_grad()
 def score_classes(model: nn.Module, batch: dict, class_targets: list[list[int]]) -> torch.Tensor:
-    """Log-likelihood of each class's target sequence: ``[batch, n_classes]`` (rank classification)."""
+    """Log-likelihood of each class's target sequence: ``[batch, n_classes]`` (rank classification).
+
+    A sequence classifier scores its classes itself: its log-softmax (``class_targets`` unused).
+    """
+    if adapter_for(model).sequence_classifier:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits.float().log_softmax(-1)
     enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     scores = []
     for tgt in class_targets:

@@ -7,8 +7,10 @@ saved as it is, untrained (the paper's decoder setting).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from pipeline.checkpointing import TrainingCheckpointError
+from pipeline.config import ParamsError, with_overrides
 from pipeline.data import load_prepared
 from pipeline.modeling import (
     atomic_dir,
@@ -22,6 +24,7 @@ from pipeline.modeling import (
 from pipeline.training import TrainSettings, dev_metric_for, train
 from stages.common import (
     checkpointing,
+    dump_yaml,
     lineage,
     load,
     mlflow_run,
@@ -36,14 +39,40 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared task folder")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params overrides (one model of a matrix, e.g. upcycle.layer=moe seed=1)",
+    )
     args = p.parse_args(argv)
     params = load(args)
+    if args.set:
+        with stop_on_bad_input(ParamsError):
+            params = with_overrides(params, args.set)
     t0 = time.time()
     with stop_on_bad_input():
         task = load_prepared(args.data)
         tok = task.tokenizer
         m = params.model
-        if m.name_or_path:
+        up = params.upcycle
+        if up is not None:
+            from pipeline.upcycle import load_dense_classifier, upcycle
+
+            model = load_dense_classifier(m.name_or_path, len(task.label_words), params.seed)
+            upcycle(
+                model,
+                up.layer,
+                up.num_experts,
+                up.top_k,
+                up.granularity,
+                up.bias,
+                up.gate_noise,
+                up.token_block_ratio,
+                up.merge_chunk,
+            )
+        elif m.name_or_path:
             model = load_model(m.name_or_path, trust_remote_code=m.trust_remote_code)
         else:
             model = build_model(
@@ -60,9 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(params.runtime.device)
     ft = params.finetune
     settings = TrainSettings(**ft.model_dump())
-    keys = ("seed", "zero_shot", "model", "runtime", "finetune")
+    keys = ("seed", "zero_shot", "model", "runtime", "finetune") + (("upcycle",) if up else ())
     made_by = lineage(params, keys, args.data)
-    with mlflow_run(params, args.params, "finetune", section(params, *keys)) as run:
+    # One model of a matrix is told apart from its siblings in the MLflow UI by its output folder.
+    run_name = f"finetune {Path(args.out).name}" if args.set else None
+    with mlflow_run(params, args.params, "finetune", section(params, *keys), run_name=run_name) as run:
         dev = dev_metric_for(task, "dev", ft.eval_batch_size, device, params.runtime.dtype)
         if params.zero_shot:
             model.to(device)
@@ -92,7 +123,13 @@ def main(argv: list[str] | None = None) -> None:
                     checkpointing=ckpt,
                 )
         with atomic_dir(args.out) as tmp:
-            save_model(model.cpu(), tmp, params=made_by, tokenizer=tok)
+            if up is not None and up.layer == "dense":
+                # No SMoE layer to describe: a stock checkpoint with its params beside it.
+                model.cpu().save_pretrained(str(tmp), safe_serialization=True)
+                tok.save_pretrained(str(tmp))
+                (tmp / "params.yaml").write_text(dump_yaml(made_by))
+            else:
+                save_model(model.cpu(), tmp, params=made_by, tokenizer=tok)
         if ckpt is not None:
             ckpt.clear()
         metrics = {

@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     texts = [e.source for e in splits["train"]] + list(spec.label_words)
     tokenizer = _tokenizer(params, texts, list(spec.label_words))
     with (
-        mlflow_run(
-            params, args.params, "prepare", section(params, "seed", "data", "model.name_or_path")
-        ) as run,
+        mlflow_run(params, args.params, "prepare", section(params, *_keys(params))) as run,
         atomic_dir(args.out) as tmp,
     ):
         metrics = {"vocab_size": len(tokenizer)}
         for name, examples in splits.items():
             rows = tokenize_split(tokenizer, examples, d.max_source_length)
+            if params.upcycle is not None:
+                # A sequence classifier's target is the class itself: one position holding its index.
+                rows = [{**r, "labels": [r["label"]]} for r in rows]
             write_jsonl(rows, tmp / f"{name}.jsonl")
             metrics[f"{name}_examples"] = len(rows)
             metrics[f"{name}_mean_source_tokens"] = round(
@@ -76,18 +77,26 @@ def main(argv: list[str] | None = None) -> None:
             "splits": sorted(splits),
         }
         (tmp / "task.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "params.yaml").write_text(dump_yaml(lineage(params, ("seed", "data", "model.name_or_path"))))
+        (tmp / "params.yaml").write_text(dump_yaml(lineage(params, _keys(params))))
         metrics["seconds"] = round(time.time() - t0, 1)
         run.log_metrics(metrics)
         write_json(metrics, args.metrics)
+
+
+def _keys(params) -> tuple[str, ...]:
+    # Upcycling stores class indices as targets, so whether it is on shapes the prepared rows.
+    base = ("seed", "data", "model.name_or_path")
+    return base if params.upcycle is None else (*base, "upcycle")
 
 
 def _tokenizer(params, texts: list[str], extra: list[str]):
     if params.model.name_or_path:
         from transformers import AutoTokenizer
 
+        from pipeline.sources import dense_source
+
         return AutoTokenizer.from_pretrained(
-            params.model.name_or_path, trust_remote_code=params.model.trust_remote_code
+            dense_source(params.model.name_or_path), trust_remote_code=params.model.trust_remote_code
         )
     return train_bpe_tokenizer(texts, params.data.tokenizer_vocab_size, extra)
 

@@ -270,8 +270,13 @@ CASES = [
     Case(
         "unknown model family",
         prepare.main,
-        _set(model__family="bert"),
-        ("model.family: unknown model family 'bert'; valid choices: ", "mixtral", "switch_transformers"),
+        _set(model__family="gpt2"),
+        (
+            "model.family: unknown model family 'gpt2'; valid choices: ",
+            "bert",
+            "mixtral",
+            "switch_transformers",
+        ),
     ),
     Case(
         "checkpoint and config both given",
@@ -390,7 +395,8 @@ CASES = [
         finetune.main,
         _bert,
         (
-            "'bert' is not a supported SMoE family; supported: mixtral, olmoe, qwen2_moe, qwen3_moe, switch_transformers",
+            "the model has no SMoE layer (no sparse/expert MLP found); nothing to merge; a dense encoder "
+            "becomes an MoE/MEO classifier through an upcycle section (see meo/params.yaml)",
         ),
     ),
     Case(

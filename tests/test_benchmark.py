@@ -42,3 +42,30 @@ def test_benchmark_rejects_an_unknown_router_mode(tmp_path):
     ):
         main(["--quick", "--router", "top2", "--out", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_quick_meo_benchmark_compares_every_kind_at_every_k(tmp_path):
+    from benchmarks.meo_bert_base import main as meo_main
+
+    out = tmp_path / "meo.json"
+    meo_main(
+        ["--quick", "--num-experts", "4", "--top-k", "1", "4", "--batch-size", "3", "--seq-len", "8"]
+        + ["--reps", "1", "--merge-chunks", "1", "--out", str(out)]
+    )
+    r = json.loads(out.read_text())
+    rows = {(row["layer"], row["top_k"]): row for row in r["rows"]}
+    assert set(rows) == {("dense", 0)} | {
+        (kind, k) for kind in ("moe", "meo-sequence", "meo-token") for k in (1, 4)
+    }
+    # Vanilla top-k runs k experts per token; MEO one merged expert whatever k (plus the merge).
+    assert rows[("moe", 4)]["gflops_per_sample"] > 2 * rows[("moe", 1)]["gflops_per_sample"]
+    assert rows[("meo-sequence", 4)]["gflops_per_sample"] == rows[("meo-sequence", 1)]["gflops_per_sample"]
+    assert rows[("meo-sequence", 4)]["speedup_vs_moe"] > 0 and 0 < rows[("meo-token", 4)]["merge_share"] < 1
+    assert r["merge_chunk"] == [{"top_k": 4, "merge_chunk": 1, "seconds": r["merge_chunk"][0]["seconds"]}]
+
+
+def test_meo_benchmark_rejects_k_above_e(tmp_path):
+    from benchmarks.meo_bert_base import main as meo_main
+
+    with pytest.raises(SystemExit):
+        meo_main(["--quick", "--num-experts", "4", "--top-k", "8", "--out", str(tmp_path / "x.json")])

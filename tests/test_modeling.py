@@ -139,6 +139,20 @@ def test_checkpoint_without_smoe_layer(tmp_path):
 
 
 def test_wrong_model_type(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    ).save_pretrained(str(tmp_path))
+    with pytest.raises(
+        ModelStructureError,
+        match="'gpt2' is not a supported SMoE family; supported: bert, mixtral, olmoe, qwen2_moe, qwen3_moe, "
+        "switch_transformers",
+    ):
+        load_model(tmp_path)
+
+
+def test_dense_bert_points_to_upcycling(tmp_path):
     from transformers import BertConfig, BertModel
 
     BertModel(
@@ -146,10 +160,7 @@ def test_wrong_model_type(tmp_path):
             vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
         )
     ).save_pretrained(str(tmp_path))
-    with pytest.raises(
-        ModelStructureError,
-        match="'bert' is not a supported SMoE family; supported: mixtral, olmoe, qwen2_moe, qwen3_moe, switch_transformers",
-    ):
+    with pytest.raises(ModelStructureError, match="no SMoE layer .* through an upcycle section"):
         load_model(tmp_path)
 
 
