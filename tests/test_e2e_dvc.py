@@ -404,19 +404,19 @@ def test_meo_pipeline_matrix_then_mc_smoe(repo: Path, tmp_path: Path) -> None:
     table = report["table"]
     assert {"dense", "moe-k2", "meo-token-k2"} <= set(table)
     meo = table["meo-token-k2"]
-    assert meo["vs_moe"]["n_seeds"] == 2 and meo["vs_dense"]["n_seeds"] == 1
+    assert meo["vs_moe"]["n_seeds"] == 1 and meo["vs_dense"]["n_seeds"] == 1
     low, high = meo["vs_moe"]["ci_seeds_examples"]
     assert low <= meo["vs_moe"]["diff"] <= high
     # One merged expert per sequence: MEO stores as many expert parameters as MoE, runs a k-th of them.
     assert meo["expert_params"] == table["moe-k2"]["expert_params"]
     assert 2 * meo["active_expert_params"] == table["moe-k2"]["active_expert_params"]
     assert meo["gflops_per_sample"] < table["moe-k2"]["gflops_per_sample"]
-    saved = yaml.safe_load((repo / "meo" / "models" / "moe-k2-s2" / "params.yaml").read_text())
-    assert saved["upcycle"]["layer"] == "moe" and saved["seed"] == 2
+    saved = yaml.safe_load((repo / "meo" / "models" / "moe-k2-s1" / "params.yaml").read_text())
+    assert saved["upcycle"]["layer"] == "moe" and saved["seed"] == 1
     evaluated = json.loads((repo / "metrics" / "meo" / "mcsmoe" / "evaluate.json").read_text())
     assert set(evaluated) == EVALUATED
     assert evaluated["mc_smoe"]["expert_params"] < evaluated["full"]["expert_params"] / 4
     # One model of the matrix changes: only it and the comparison run again.
-    params["variants"]["moe-k2-s2"]["top_k"] = 1
+    params["variants"]["moe-k2-s1"]["top_k"] = 1
     (repo / "meo" / "params.yaml").write_text(yaml.safe_dump(params))
-    assert _ran(_dvc(repo, "repro", "meo/dvc.yaml")) == {"finetune@moe-k2-s2", "compare"}
+    assert _ran(_dvc(repo, "repro", "meo/dvc.yaml")) == {"finetune@moe-k2-s1", "compare"}
