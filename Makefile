@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations benchmark benchmark-meo mlflow-ui clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations benchmark benchmark-meo mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -54,6 +54,12 @@ benchmark-meo:
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# A parent row for every DVC experiment that has none (its stages all came from DVC's run cache).
+mlflow-sync:
+	$(PY) -m scripts.mlflow_sync
+	$(PY) -m scripts.mlflow_sync --params llm/params.yaml --metrics metrics/llm/evaluate.json
+	$(PY) -m scripts.mlflow_sync --params meo/params.yaml --metrics metrics/meo/compare.json
 
 clean:
 	rm -rf data/prepared models profile groups llm/data llm/models llm/profile llm/groups meo/data meo/models meo/mcsmoe

@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,33 @@ STATE_FILE = "training_state.pt"
 
 
 class TrainingCheckpointError(RuntimeError):
-    """A training checkpoint exists but cannot be read."""
+    """Training cannot start or go on: its checkpoint cannot be read, or (subclasses) the run diverged
+    or its data does not fit the model.
+
+    The stages turn this type into one line around ``train``, so every refusal of a run raises it.
+    """
+
+
+class TrainingDivergedError(TrainingCheckpointError):
+    """The loss, the gradients or the weights of a training run became NaN or infinite."""
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int, int] | None:
+    """``(name, bad values, values)`` of the first floating tensor holding NaN or inf, else None.
+
+    One ``isfinite`` pass per tensor; the bad values are counted only for the tensor that fails.
+    """
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            return name, int((~torch.isfinite(t)).sum()), t.numel()
+    return None
+
+
+def _state_tensors(state: dict | None, prefix: str) -> Iterable[tuple[str, torch.Tensor]]:
+    for name, t in (state or {}).items():
+        yield f"{prefix}{name}", t
 
 
 def folder_digest(*paths: str | Path) -> str:
@@ -113,15 +140,41 @@ class Checkpointing:
                 f"checkpoint {self.path} plans another number of steps; training from the start", flush=True
             )
             return None
+        bad = first_non_finite(
+            [*_state_tensors(state.get("model"), ""), *_state_tensors(state.get("best_model"), "best ")]
+        )
+        if bad is not None:
+            raise TrainingCheckpointError(
+                f"training checkpoint {self.path} holds non-finite weights ({bad[1]} of {bad[2]} values "
+                f"of {bad[0]} are NaN/inf); delete it to train from the start"
+            )
         print(f"resuming from {self.path} at step {state['step']}/{total_steps}", flush=True)
         return state
 
     def save(self, state: dict) -> None:
-        """Write ``state`` atomically: a run killed mid-write leaves the previous checkpoint intact."""
+        """Write ``state`` atomically: a run killed mid-write leaves the previous checkpoint intact.
+
+        A state whose weights are NaN/inf is refused (:class:`TrainingDivergedError`): resuming
+        from it could only train on garbage.
+        """
+        bad = first_non_finite(
+            [*_state_tensors(state.get("model"), ""), *_state_tensors(state.get("best_model"), "best ")]
+        )
+        if bad is not None:
+            self.clear()  # an earlier state of the run would only be replayed into the same NaN
+            raise TrainingDivergedError(
+                f"training diverged: after step {state.get('step')} {bad[1]} of {bad[2]} values of weight "
+                f"{bad[0]} are NaN/inf, so no checkpoint is saved; likely causes: a learning rate too high, "
+                "non-finite or huge weights, or non-finite inputs"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{STATE_FILE}.tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, self.path)
+        try:
+            torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            # A full disk fails torch.save half-way: the partial file must not stay to fill it.
+            tmp.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Remove the checkpoint once the run's output is safely written."""

@@ -2,20 +2,94 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import json
+import math
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ParamsError(ValueError):
     """params.yaml is unreadable, has unknown keys, wrong types or contradictory values."""
 
 
+class _DuplicateKeyError(ValueError):
+    """A params file gives one key twice in a mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    # Anchors make the node graph shared (even cyclic): each node is checked once.
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden on purpose
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
+            dotted = f"{path}.{name}" if path else str(name)
+            line = key.start_mark.line + 1
+            if name in first:
+                raise _DuplicateKeyError(
+                    f"duplicate key {dotted} at lines {first[name]} and {line} (YAML would silently "
+                    "keep only the last); remove or merge one of them"
+                )
+            first[name] = line
+            _check_unique_keys(value, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]", seen)
+
+
+def _numeric_kind(annotation: Any) -> str | None:
+    """'an integer' / 'a number' for a field that takes int / float but not bool, else None."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    if bool in args:
+        return None
+    if float in args:
+        return "a number"
+    if int in args:
+        return "an integer"
+    return None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan in any float field: a bound such as gt=0 lets .inf through, and .nan compares false
+    # with every bound, so either would only show up as a broken run.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 (and 1.0): a `batch_size: true` would run as 1.
+        if isinstance(v, bool) and info.field_name is not None:
+            want = _numeric_kind(cls.model_fields[info.field_name].annotation)
+            if want:
+                raise ValueError(f"{str(v).lower()} is a boolean, not {want}; give {want}")
+        return v
 
 
 class DataParams(_Section):
@@ -94,6 +168,70 @@ class ModelParams(_Section):
         if self.name_or_path is not None and self.init_embeddings_from is not None:
             raise ValueError("model.init_embeddings_from only applies to a model built from model.config")
         return self
+
+
+def _config_defaults(family: str) -> tuple[type, dict[str, Any], set[str]]:
+    """The family's transformers config class, its default values, and every key it accepts."""
+    import inspect
+
+    from pipeline.adapters import ADAPTERS
+
+    cls = ADAPTERS.get(family).config_class()
+    values = vars(cls())
+    defaults = {k: v for k, v in values.items() if not k.startswith("_")}
+    accepted = set(defaults) | set(getattr(cls, "attribute_map", {}))
+    accepted |= {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")}
+    # Properties with setters (num_labels, output_attentions, ...) and the keyword arguments stored
+    # privately (attn_implementation -> _attn_implementation_internal) are accepted too.
+    accepted |= {n for n in dir(cls) if not n.startswith("_") and isinstance(getattr(cls, n, None), property)}
+    accepted |= {k.strip("_").removesuffix("_internal") for k in values if k.startswith("_")}
+    return cls, defaults, accepted
+
+
+def _type_problem(key: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot replace a config default of ``default``'s type (None: it can)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        # Token ids may be lists (several end-of-sequence tokens), as transformers allows.
+        if key.endswith("_token_id") and isinstance(value, list):
+            ok = all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+        if ok and not math.isfinite(value):
+            return f"{value} is not finite; give a finite number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, (list, tuple)):
+        ok, want = isinstance(value, (list, tuple)), "a list"
+    elif isinstance(default, dict):
+        ok, want = isinstance(value, dict), "a mapping"
+    else:
+        return None
+    if ok:
+        return None
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    return f"{shown} ({type(value).__name__}) is not {want} (the default is {default!r})"
+
+
+def _check_model_config(family: str, config: dict[str, Any]) -> None:
+    """Refuse model.config keys the family's config class does not take, or values of the wrong type."""
+    cls, defaults, accepted = _config_defaults(family)
+    aliases = getattr(cls, "attribute_map", {})
+    for key, value in config.items():
+        if key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(
+                f"model.config.{key}: unknown key of {cls.__name__} (model.family={family}){hint}"
+            )
+        problem = _type_problem(key, value, defaults.get(aliases.get(key, key)))
+        if problem:
+            raise ValueError(f"model.config.{key}: {problem}")
 
 
 class RuntimeParams(_Section):
@@ -352,8 +490,25 @@ class CheckpointParams(_Section):
 
 
 class MlflowParams(_Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
+    # Where runs are logged; null runs the stages without MLflow tracking (nothing is logged).
+    tracking_uri: str | None = "sqlite:///mlflow.db"
     experiment: str = "mc-smoe"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(
+                "is empty; give a tracking URI (e.g. sqlite:///mlflow.db) or null for no tracking"
+            )
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty; name the MLflow experiment the runs are logged under (e.g. mc-smoe)")
+        return v
 
 
 class Params(_Section):
@@ -385,13 +540,6 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
-        cfg = self.model.config or {}
-        for key in ("num_experts", "num_local_experts"):
-            n_exp = cfg.get(key)
-            if n_exp is not None and self.group.num_experts_avg > n_exp:
-                raise ValueError(
-                    f"group.num_experts_avg={self.group.num_experts_avg} exceeds model.config.{key}={n_exp}"
-                )
         from pipeline.adapters import ADAPTERS
         from pipeline.data import LM_TASKS
 
@@ -401,6 +549,9 @@ class Params(_Section):
                 f"data.task={self.data.task} does not fit model.family={self.model.family}: "
                 f"causal LM families train on {', '.join(LM_TASKS)}, encoder-decoders on classification tasks"
             )
+        # After the family/task check: a config written for another family fails that one first.
+        if self.model.config is not None:
+            _check_model_config(self.model.family, self.model.config)
         if self.data.zero_shot_tasks and self.data.task not in LM_TASKS:
             raise ValueError(
                 f"data.zero_shot_tasks scores a language model; data.task={self.data.task} is a "
@@ -423,17 +574,95 @@ class Params(_Section):
                     raise ValueError(
                         f"{key}={value} needs gradients from profiling: set profile.gradients: true"
                     )
-        dims = {
-            k: cfg[k]
-            for k in ("d_model", "d_ff", "hidden_size", "intermediate_size", "moe_intermediate_size")
-            if k in cfg
-        }
+        self._check_expert_shapes()
+        return self
+
+    def _check_expert_shapes(self) -> None:
+        """group.num_experts_avg and compress.rank against the experts the model has or will have."""
+        from pipeline.adapters import ADAPTERS
+
+        adapter = ADAPTERS.get(self.model.family)
+        count_keys = (getattr(adapter, "num_experts_key", "num_experts"), *_EXPERT_COUNT_KEYS)
+        width_keys = _EXPERT_WIDTHS.get(self.model.family, _DEFAULT_WIDTHS)
+        if self.model.config is not None:
+            cls, defaults, _ = _config_defaults(self.model.family)
+            aliases = getattr(cls, "attribute_map", {})
+            given = {aliases.get(k, k): (k, v) for k, v in self.model.config.items()}
+
+            def value(key: str) -> tuple[Any, str]:
+                if key in given:
+                    return given[key][1], f"model.config.{given[key][0]}"
+                return defaults.get(key), f"model.config.{key}"
+
+            where, default_of = "", cls.__name__
+            counts = [(*value(k), k in given) for k in count_keys]
+            count_where = where
+            widths = {k: (*value(k), k in given) for k in width_keys}
+        else:
+            folder = _local_model_folder(self.model.name_or_path)
+            cfg = _read_config_json(folder) if folder is not None else None
+            # A Hub id or an unreadable folder: the loader reports it (validation never downloads).
+            if cfg is None:
+                return
+            self._check_checkpoint_type(folder, cfg)
+            if self.upcycle is not None and self.merge_source is None:
+                return  # group and compress only run on a merge_source variant
+            where, default_of = f" of the checkpoint ({folder / 'config.json'})", ""
+            counts = [(cfg.get(k), k, True) for k in count_keys]
+            count_where = where
+            if self.upcycle is not None:
+                # A dense checkpoint: its experts are the ones upcycling makes.
+                counts, count_where = [(self.upcycle.num_experts, "upcycle.num_experts", True)], ""
+            widths = {k: (cfg.get(k), k, True) for k in width_keys}
+        for n, name, explicit in counts:
+            if isinstance(n, int) and not isinstance(n, bool):
+                if self.group.num_experts_avg > n:
+                    raise ValueError(
+                        f"group.num_experts_avg={self.group.num_experts_avg} exceeds {name}={n}"
+                        f"{'' if explicit else f' (the {default_of} default)'}{count_where}"
+                    )
+                break
+        dims = {k: v for k, (v, _, _) in widths.items() if isinstance(v, int) and not isinstance(v, bool)}
         if dims and self.compress.rank >= min(dims.values()):
+            defaulted = [k for k, (_, _, explicit) in widths.items() if not explicit]
             raise ValueError(
                 f"compress.rank={self.compress.rank} must be below the expert matrix size "
-                f"min({', '.join(dims)})={min(dims.values())}"
+                f"min({', '.join(dims)})={min(dims.values())}{where}"
+                + (f" ({', '.join(defaulted)}: the {default_of} default)" if defaulted else "")
             )
-        return self
+
+    def _check_checkpoint_type(self, folder: Path, cfg: dict) -> None:
+        from pipeline.adapters import ADAPTERS
+        from pipeline.modeling import STRUCTURE_FILE
+
+        # A checkpoint with its own code (auto_map) names its own model_type; the loader explains
+        # model.trust_remote_code for it.
+        if cfg.get("auto_map"):
+            return
+        model_type = cfg.get("model_type")
+        name = self.model.name_or_path
+        if (
+            model_type in ADAPTERS
+            and ADAPTERS.get(model_type).sequence_classifier
+            and self.upcycle is None
+            and not (folder / STRUCTURE_FILE).is_file()
+        ):
+            # A stock dense encoder: whatever model.family says, there is nothing to merge.
+            raise ValueError(
+                f"model.name_or_path={name} is a dense {model_type} checkpoint: the model has no SMoE "
+                "layer (no sparse/expert MLP found); nothing to merge; a dense encoder becomes an "
+                "MoE/MEO classifier through an upcycle section (see meo/params.yaml)"
+            )
+        if model_type is not None and model_type != self.model.family:
+            fix = (
+                f"set model.family: {model_type}"
+                if model_type in ADAPTERS
+                else f"that is no supported family ({', '.join(ADAPTERS.names())})"
+            )
+            raise ValueError(
+                f"model.family={self.model.family} does not match model.name_or_path={name}: its "
+                f"config.json has model_type {model_type!r}; {fix}"
+            )
 
     def _check_variants(self) -> None:
         if self.upcycle is None:
@@ -482,6 +711,46 @@ class Params(_Section):
             )
 
 
+# Config keys of the number of routed experts, after the family adapter's own.
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+# Config keys of an expert's two matrix widths: compression factors each expert matrix, so its rank
+# must stay below the smaller one. Qwen-MoE's intermediate_size is its dense MLPs', not the experts'.
+_EXPERT_WIDTHS = {
+    "switch_transformers": ("d_model", "d_ff"),
+    "qwen2_moe": ("hidden_size", "moe_intermediate_size"),
+    "qwen3_moe": ("hidden_size", "moe_intermediate_size"),
+}
+_DEFAULT_WIDTHS = ("hidden_size", "intermediate_size")
+
+
+def _local_model_folder(name: str | None) -> Path | None:
+    """The local folder ``name`` names (a folder, or an installed package shipping one), else None.
+
+    Mirrors :func:`pipeline.sources.dense_source` without ever falling back to the Hub.
+    """
+    if not name:
+        return None
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+        return None
+    try:
+        module = importlib.import_module(name.replace("-", "_"))
+        folder = Path(module.get_model_path())
+    except Exception:  # not a package, or one that ships no model: a Hub id, checked when loaded
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _read_config_json(folder: Path) -> dict | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -490,8 +759,9 @@ def _format_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         # Checks across sections name their keys in the message itself.
-        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
-    return "invalid params:\n" + "\n".join(lines)
+        lines.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
+    # One line, as a stage prints it: "error: invalid params: a.b: ...; c: ...".
+    return "invalid params: " + "; ".join(lines)
 
 
 def parse_params(raw: Any) -> Params:
@@ -510,7 +780,9 @@ def load_params(path: str | Path) -> Params:
     if not path.is_file():
         raise ParamsError(f"params file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as err:
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

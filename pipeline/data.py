@@ -17,6 +17,20 @@ from pipeline.registry import Registry
 
 DATA_DIR_ENV = "SMOE_DATA_DIR"
 SPLITS = ("train", "dev", "test")
+# Any of these makes a folder a tokenizer folder for transformers (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+# A real tokenizer knows these words; an empty one built from a bare config maps them all to unk.
+TOKENIZER_PROBE = "the quick brown fox jumps over the lazy dog"
+# No usable tokenizer has this few tokens besides its special ones (a bare BERT config gives none).
+MIN_REGULAR_TOKENS = 4
 
 
 class DataError(RuntimeError):
@@ -178,6 +192,13 @@ def load_task(task: str, data_dir: Path | None) -> dict[str, list[Example]]:
                     continue
                 raise DataError(f"missing data file {path} for task {task!r} split {split!r}")
             splits[split] = spec.read_local(path, spec)
+            if not splits[split]:
+                # A present but empty test file would otherwise be scored on no example at all.
+                skip = " (or remove the file to run without a test split)" if split == "test" else ""
+                raise DataError(
+                    f"task {task!r}: split {split!r} is empty: {path} holds only its header row; "
+                    f"restore the file's examples{skip}"
+                )
     else:
         import datasets  # heavy import, only needed online
 
@@ -185,8 +206,8 @@ def load_task(task: str, data_dir: Path | None) -> dict[str, list[Example]]:
         for split, hub_split in spec.hub_splits.items():
             rows = [spec.from_hub_row(r, spec) for r in ds[hub_split]]
             splits[split] = [r for r in rows if r is not None]
-    for split in ("train", "dev"):
-        if not splits.get(split):
+    for split in SPLITS:
+        if (split in splits or split != "test") and not splits.get(split):
             raise DataError(f"task {task!r}: split {split!r} is empty")
     return splits
 
@@ -204,6 +225,12 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, extra_tokens: list[st
 
     Label words are added whole so that each class is one decoder step.
     """
+    # Said once, so that a run without a checkpoint tokenizer is seen to be intended, not missed.
+    print(
+        f"tokenizer: none taken from a checkpoint (model.name_or_path is null), none needed; training a "
+        f"byte-level BPE tokenizer of up to {vocab_size} tokens (data.tokenizer_vocab_size) on {len(texts)} texts",
+        flush=True,
+    )
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -228,8 +255,66 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, extra_tokens: list[st
     return fast
 
 
+def _first_line(err: Exception) -> str:
+    # transformers' messages run over several lines; the stage prints one.
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether ``folder`` holds any file transformers builds a tokenizer from."""
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def check_tokenizer(tokenizer, source: str | Path | None = None, fix: str | None = None) -> None:
+    """Refuse a degenerate tokenizer: a handful of tokens, or one that reads plain English as unk.
+
+    transformers builds such a tokenizer from a model folder that has a config but no tokenizer
+    files; every word then becomes ``<unk>`` and all examples (and both labels) look the same.
+    """
+    where = str(source or getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    fix = fix or (f"put the tokenizer the model was trained with there (any of {', '.join(TOKENIZER_FILES)})")
+    n = len(tokenizer)
+    regular = n - len(set(tokenizer.all_special_ids))
+    if regular < MIN_REGULAR_TOKENS:
+        raise DataError(
+            f"{where}: the tokenizer has only {n} tokens ({regular} besides its special tokens), so it "
+            f"cannot tell words apart; {fix}"
+        )
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    if not ids or (unk is not None and all(i == unk for i in ids)):
+        raise DataError(
+            f"{where}: the tokenizer ({n} tokens) reads every word of {TOKENIZER_PROBE!r} as its unknown "
+            f"token, so it cannot tell words apart; {fix}"
+        )
+
+
+def load_tokenizer(source: str | Path, trust_remote_code: bool = False, fix: str | None = None):
+    """A checkpoint's tokenizer (local folder or Hub id), refused when missing or degenerate.
+
+    ``fix`` ends the message (what the user should do); by default it is about model.name_or_path.
+    """
+    from transformers import AutoTokenizer
+
+    fix = fix or (
+        "put the tokenizer the checkpoint was trained with there (any of "
+        f"{', '.join(TOKENIZER_FILES)}), or leave model.name_or_path null to build a model and train "
+        "a tokenizer (data.tokenizer_vocab_size)"
+    )
+    if Path(source).is_dir() and not has_tokenizer_files(source):
+        raise DataError(f"{source} holds no tokenizer files; {fix}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load the tokenizer of {source} ({_first_line(err)}); {fix}") from None
+    check_tokenizer(tok, source, fix)
+    return tok
+
+
 def tokenize_split(tokenizer, examples: list[Example], max_source_length: int) -> list[dict]:
     """Encode sources and targets; targets end with EOS as in T5 fine-tuning."""
+    check_tokenizer(tokenizer)
     src = tokenizer([e.source for e in examples], truncation=True, max_length=max_source_length)["input_ids"]
     tgt = tokenizer([e.target for e in examples], truncation=True, max_length=16)["input_ids"]
     return [
@@ -304,10 +389,17 @@ def load_prepared(folder: str | Path, splits: tuple[str, ...] = ("train", "dev")
     if not meta_path.is_file():
         raise DataError(f"{folder} is not a prepared task folder (no task.json); run the prepare stage first")
     meta = read_json(meta_path, "task description")
+    tok_dir = folder / "tokenizer"
+    again = "run the prepare stage again"
+    if not has_tokenizer_files(tok_dir):
+        raise DataError(
+            f"{folder}: no tokenizer in {tok_dir} (expected any of {', '.join(TOKENIZER_FILES)}); {again}"
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
     except (OSError, ValueError) as err:
-        raise DataError(f"{folder}: cannot load its tokenizer ({err}); run the prepare stage again") from None
+        raise DataError(f"{folder}: cannot load its tokenizer ({_first_line(err)}); {again}") from None
+    check_tokenizer(tok, tok_dir, again)
     data = {s: read_jsonl(folder / f"{s}.jsonl") for s in splits}
     zero_shot = {}
     if (folder / "zero_shot.json").is_file():

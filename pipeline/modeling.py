@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from torch import nn
 
 from pipeline.adapters import ADAPTERS, ModelStructureError, adapter_for
+from pipeline.checkpointing import first_non_finite
 
 STRUCTURE_FILE = "smoe_structure.json"
 PARAMS_FILE = "params.yaml"
@@ -80,6 +82,29 @@ def _custom_code(path: Path) -> str | None:
     return ", ".join(sorted({str(v) for v in auto_map.values()})) or None
 
 
+def check_finite_weights(
+    weights: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], source: str | Path
+) -> None:
+    """Refuse loaded weights holding NaN or inf, naming the first such tensor.
+
+    Flipped bytes in a weight file, or a checkpoint saved from a diverged run, load without any
+    error and then train and score on NaN. One ``isfinite`` pass per tensor.
+    """
+    if isinstance(weights, nn.Module):
+        named = [*weights.named_parameters(), *weights.named_buffers()]
+    elif isinstance(weights, Mapping):
+        named = weights.items()
+    else:
+        named = weights
+    bad = first_non_finite(named)
+    if bad is not None:
+        name, n_bad, n = bad
+        raise CheckpointError(
+            f"{source}: weight {name} holds non-finite values ({n_bad} of {n} are NaN/inf); the weight "
+            "file is corrupt or was saved from a diverged run: restore it or re-run the stage that wrote it"
+        )
+
+
 def _has_weights(path: Path) -> bool:
     return any((path / f).is_file() for f in WEIGHT_FILES)
 
@@ -129,6 +154,7 @@ def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.
         raise
     except Exception as err:  # safetensors, torch and transformers each raise their own types
         raise CheckpointError(f"cannot load weights from {name_or_path}: {err}") from None
+    check_finite_weights(model, name_or_path)
     _require_sparse(model)
     model.eval()
     return model
@@ -284,14 +310,21 @@ def transfer_embeddings(model: nn.Module, tokenizer, source: str | Path) -> dict
     standard deviation (the scale of the stock random init), so any tokenizer and width work.
     """
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+
+    from pipeline.data import load_tokenizer
 
     folder = resolve_pretrained_source(str(source))
-    src_tok = AutoTokenizer.from_pretrained(str(folder))
+    # An empty tokenizer reads every token as unk: every embedding would be the mean (then NaN).
+    src_tok = load_tokenizer(
+        folder,
+        fix="model.init_embeddings_from must be a model folder (or package) shipping its tokenizer "
+        "(e.g. tokenizer.json or vocab.txt), or null for random embeddings",
+    )
     weights = load_file(str(folder / "model.safetensors"))
     keys = [k for k in weights if k.endswith(("word_embeddings.weight", "embed_tokens.weight"))]
     if not keys:
         raise CheckpointError(f"{folder}: no word embedding matrix found in model.safetensors")
+    check_finite_weights({keys[0]: weights[keys[0]]}, folder / "model.safetensors")
     table = weights[keys[0]].float()
     # Encoder-decoder models with untied embeddings read tokens through separate tables: fill each.
     tables = [model.get_input_embeddings()]

@@ -119,3 +119,31 @@ def plot_remaining_params(ratios: dict[str, dict[str, list[float]]], path: Path)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     _save(plt, fig, path)
+
+
+def headline_metric(results: dict[str, dict]) -> str:
+    """The quality metric a variant table is read by: accuracy, or a decoder's mean zero-shot
+    accuracy, or perplexity when there is neither."""
+    first = next(iter(results.values()), {})
+    for key in ("accuracy", "mean_accuracy", "test_perplexity"):
+        if key in first:
+            return key
+    raise ValueError(
+        f"no quality metric among {sorted(first)}; expected accuracy, mean_accuracy or test_perplexity"
+    )
+
+
+def accuracy_vs_size_figure(results: dict[str, dict]):
+    """Each variant's quality metric against its expert parameters (a matplotlib figure)."""
+    plt = _pyplot()
+    metric = headline_metric(results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        x, y = r.get("expert_params", r.get("params_total", 0)) / 1e6, r[metric]
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("expert parameters (M)")
+    ax.set_ylabel(metric)
+    ax.set_title("quality against size, per variant")
+    fig.tight_layout()
+    return fig

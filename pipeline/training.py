@@ -16,8 +16,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.adapters import adapter_for
-from pipeline.checkpointing import Checkpointing, rng_state, set_rng_state
-from pipeline.data import batches
+from pipeline.checkpointing import (
+    Checkpointing,
+    TrainingDivergedError,
+    first_non_finite,
+    rng_state,
+    set_rng_state,
+)
+from pipeline.data import DataError, batches
 from pipeline.registry import Registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +45,56 @@ def autocast(device: torch.device, dtype: str):
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+class TokenIdError(DataError):
+    """Prepared token ids that the model's embedding table does not hold."""
+
+
+class NonFiniteOutputError(ValueError):
+    """A model's scores came out NaN or infinite (its weights overflow, or are non-finite)."""
+
+
+def embedding_rows(model: nn.Module) -> int:
+    """How many token ids the model can read: the rows of its input embedding table."""
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def check_token_ids(
+    model: nn.Module, rows: list[dict], class_targets: list[list[int]] = (), what: str = "prepared data"
+) -> None:
+    """Refuse rows (or class targets) with token ids beyond ``model``'s embedding table.
+
+    Data tokenized by a bigger tokenizer than the model's would index past the table: a crash
+    on CPU, a device-side assert or garbage on an accelerator. A sequence classifier's labels are
+    class indices, not tokens, so only its inputs are checked.
+    """
+    n = embedding_rows(model)
+    keys = ("input_ids",) if adapter_for(model).sequence_classifier else ("input_ids", "labels")
+    top = max((max(r[k], default=-1) for r in rows for k in keys if k in r), default=-1)
+    if not adapter_for(model).sequence_classifier:
+        top = max([top, *(max(t, default=-1) for t in class_targets)])
+    if top >= n:
+        raise TokenIdError(
+            f"{what} holds token id {top}, but the model's embedding table has {n} rows (vocab size {n}): "
+            f"the data was tokenized by a bigger tokenizer (at least {top + 1} tokens) than the model's; "
+            "re-run prepare with the model's tokenizer (model.name_or_path) or make "
+            "data.tokenizer_vocab_size and model.config.vocab_size agree"
+        )
+
+
+def _diverged(
+    what: str, step: int, total: int, epoch: int, lr: float, checkpointing: Checkpointing | None = None
+) -> TrainingDivergedError:
+    """The error for a run that went non-finite; its checkpoint goes too (a resume could only
+    replay the run into the same NaN)."""
+    if checkpointing is not None:
+        checkpointing.clear()
+    return TrainingDivergedError(
+        f"training diverged: {what} at step {step}/{total} (epoch {epoch}); likely causes: a learning "
+        f"rate too high or non-finite (lr={lr:g}), non-finite or huge weights in the model, or non-finite "
+        "inputs; stopped before saving anything"
+    )
 
 
 def model_forward(model: nn.Module, batch: dict, with_router: bool = True):
@@ -154,6 +210,7 @@ def class_log_probs(
     The model's prediction is the argmax; two models' rows can be compared as distributions (e.g.
     KL divergence), which moves where accuracy, a count of argmax flips, does not.
     """
+    check_token_ids(model, rows, class_targets)
     was_training = model.training
     model.eval()
     out = []
@@ -163,7 +220,15 @@ def class_log_probs(
             scores = score_classes(model, batch, class_targets)
         out.append(scores.float().log_softmax(-1).cpu())
     model.train(was_training)
-    return torch.cat(out)
+    logp = torch.cat(out)
+    # Finite logits always give finite log-probabilities; NaN would rank as an arbitrary class.
+    bad = int((~torch.isfinite(logp).all(-1)).sum())
+    if bad:
+        raise NonFiniteOutputError(
+            f"the model's class scores are NaN/inf on {bad} of {len(rows)} rows: its weights are non-finite "
+            f"or large enough to overflow ({dtype}); check the checkpoint or the training that made it"
+        )
+    return logp
 
 
 def correct_per_example(
@@ -299,6 +364,8 @@ def train(
     ``every_steps`` steps; a resumed run continues exactly where the saved one stood, so it ends
     with the same weights as an uninterrupted one.
     """
+    check_token_ids(model, train_rows, class_targets, "the prepared train split")
+    check_token_ids(model, dev_rows, (), "the prepared dev split")
     set_seed(seed)
     if dev_metric is None:
         dev_metric = accuracy_metric(dev_rows, class_targets, pad_id, settings.eval_batch_size, device, dtype)
@@ -365,7 +432,24 @@ def train(
                         out.logits, t_out.logits, batch["labels"], kd.temperature, shift, kd.loss
                     )
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            # One transfer per step, as before (the bar shows the loss); checked before the update
+            # so that no step is taken on NaN gradients.
+            pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+            loss_value, norm_value = pair.tolist()
+            if not math.isfinite(loss_value):
+                raise _diverged(
+                    f"the loss is {loss_value}", step + 1, total, epoch + 1, settings.lr, checkpointing
+                )
+            if not math.isfinite(norm_value):
+                raise _diverged(
+                    f"the gradient norm is {norm_value} (loss {loss_value:.4g})",
+                    step + 1,
+                    total,
+                    epoch + 1,
+                    settings.lr,
+                    checkpointing,
+                )
             opt.step()
             sched.step()
             if step_hook is not None:
@@ -373,11 +457,11 @@ def train(
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             if step % 50 == 0 and log is not None:
                 log(
                     {
-                        "train_loss": loss.item(),
+                        "train_loss": loss_value,
                         "train_task_loss": loss_task.item(),
                         "lr": sched.get_last_lr()[0],
                     },
@@ -385,7 +469,31 @@ def train(
                 )
             # The last evaluation is at the end; skip a periodic one that would fall just before it.
             if step == total or (step % eval_every == 0 and total - step >= eval_every // 2):
-                score = dev_metric.compute(model)
+                # A finite loss can still be followed by an update to inf (a huge learning rate):
+                # such weights must neither be scored nor kept.
+                bad = first_non_finite(model.named_parameters())
+                if bad is not None:
+                    raise _diverged(
+                        f"{bad[1]} of {bad[2]} values of weight {bad[0]} are NaN/inf after the update",
+                        step,
+                        total,
+                        epoch + 1,
+                        settings.lr,
+                        checkpointing,
+                    )
+                try:
+                    score = dev_metric.compute(model)
+                except NonFiniteOutputError:
+                    score = math.nan
+                if not math.isfinite(score):
+                    raise _diverged(
+                        f"the model's dev {dev_metric.name} is NaN/inf after the update",
+                        step,
+                        total,
+                        epoch + 1,
+                        settings.lr,
+                        checkpointing,
+                    )
                 key = f"dev_{dev_metric.name}"
                 history.append({"step": step, key: score})
                 if log is not None:
@@ -441,6 +549,7 @@ def prune_without_training(
     many steps as ``settings`` would train, so the schedule is the one KD fine-tuning would follow.
     Only the sparse parts S need gradients; everything else is frozen meanwhile to save memory.
     """
+    check_token_ids(model, rows, (), "the prepared train split")
     set_seed(seed)
     shift = adapter_for(model).shift_labels
     model.to(device).eval()
@@ -464,6 +573,8 @@ def prune_without_training(
                 with autocast(device, dtype):
                     out = model_forward(model, batch, with_router=False)
                     loss = task_loss(out.logits, batch["labels"], shift)
+                if not math.isfinite(loss.item()):
+                    raise _diverged(f"the loss is {loss.item()}", step + 1, total, epoch + 1, settings.lr)
                 loss.backward()
                 pruner(step, total)
                 step += 1

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.adapters import ADAPTERS
 from pipeline.adapters_bert import ffn_layers
 from pipeline.meo import MoEFeedForward, check_layer, install_mask_hook
-from pipeline.modeling import STRUCTURE_FILE, CheckpointError, load_model
+from pipeline.modeling import STRUCTURE_FILE, CheckpointError, check_finite_weights, load_model
 from pipeline.sources import dense_source
 
 DENSE = "dense"
@@ -45,6 +45,7 @@ def load_dense_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
         )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load weights from {name} ({source}): {err}") from None
+    check_finite_weights(model, f"{name} ({source})")
     return model
 
 
@@ -111,6 +112,7 @@ def load_classifier(folder: str | Path) -> nn.Module:
         model = ADAPTERS.get("bert").model_class().from_pretrained(str(folder), use_safetensors=True)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load weights from {folder}: {err}") from None
+    check_finite_weights(model, folder)
     return model.eval()
 
 

@@ -31,6 +31,7 @@ from pipeline.ablations import (
     summarise,
 )
 from pipeline.config import ParamsError
+from scripts.mlflow_sync import sync
 
 METRIC_FILES = ("evaluate", "kd_finetune", "group", "align")
 # Per-example correctness of every evaluated model, for the paired bootstrap CIs of the summary.
@@ -88,15 +89,10 @@ def _metrics(ref: str) -> dict[str, dict]:
     return {stage: m for stage, m in found.items() if m is not None}
 
 
-def _env(params: dict) -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ)
-    # Stages run in a temporary copy of the repo: anchor the data folder and the MLflow store here.
-    data_dir = (params.get("data") or {}).get("data_dir")
-    if data_dir and "SMOE_DATA_DIR" not in env:
-        env["SMOE_DATA_DIR"] = str(Path(data_dir).resolve())
-    uri = env.get("MLFLOW_TRACKING_URI") or (params.get("mlflow") or {}).get("tracking_uri", "")
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        env["MLFLOW_TRACKING_URI"] = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    # The stages anchor the data folder and the MLflow store at the repository ($DVC_ROOT), not
+    # at the temporary copy each experiment runs in.
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -161,7 +157,7 @@ def main() -> None:
         and r["variant"] in names
         and r["overrides"] == spec.overrides(spec.variant(r["variant"]), r["seed"])
     ]
-    env = _env(params)
+    env = _env()
     log_path = out.with_suffix(".log")
     todo = [
         (s, v)
@@ -184,11 +180,13 @@ def main() -> None:
             if _exp_ref(name):
                 _run([sys.executable, "-m", "dvc", "exp", "remove", name], env, log)
             start = time.time()
-            res = _run(cmd, {**env, "SMOE_PIPELINE_ID": name}, log)
+            res = _run(cmd, env, log)
             ref = _exp_ref(name) if res.returncode == 0 else None
             if ref is None:
                 sys.exit(f"error: experiment {name} failed (exit {res.returncode}); see {log_path}")
             metrics = _metrics(ref)
+            # A run whose stages all came from DVC's run cache logged nothing: give it its row.
+            sync(args.params, "metrics/evaluate.json")
             evaluation = metrics.get("evaluate", {})
             runs.append(
                 {

@@ -6,12 +6,14 @@ Library code never touches argv, params.yaml or MLflow; this module is where the
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,9 +21,10 @@ import yaml
 
 from pipeline.adapters import ModelStructureError
 from pipeline.checkpointing import Checkpointing, TrainingCheckpointError, folder_digest
-from pipeline.config import Params, ParamsError, flatten, load_params
+from pipeline.config import Params, ParamsError, load_params
 from pipeline.data import DataError
 from pipeline.modeling import CheckpointError
+from stages import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,19 +59,82 @@ def stop_on_bad_input(*errors: type[Exception]):
         sys.exit(f"error: {err}")
 
 
-def _exit_on_sigterm(signum, frame) -> None:
+_STOP_REASON: dict[str, str] = {}
+
+
+def _exit_on_signal(signum, frame) -> None:
     # Unwinding (rather than dying at once) lets temporary output folders be removed and the MLflow
     # run be marked failed; the training checkpoint stays for a resume.
-    raise SystemExit(f"error: stopped by signal {signal.Signals(signum).name} before the stage completed")
+    reason = _STOP_REASON.get("why") or f"stopped by signal {signal.Signals(signum).name}"
+    raise SystemExit(f"error: {reason} before the stage completed; its outputs were not written")
+
+
+def _proc_stat(pid: int) -> tuple[int, str, str] | None:
+    """(parent pid, state, start time) of a Linux process; None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), fields[0], fields[19]
+
+
+def _dvc_ancestor() -> int | None:
+    """The ``dvc`` process this stage runs under (through DVC's shell), if any."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:3]) or b"dvc" in argv[1:3]:
+            return pid
+        stat = _proc_stat(pid)
+        if stat is None:
+            return None
+        pid = stat[0]
+    return None
+
+
+def _watch_parent(pid: int, interval: float = 1.0) -> None:
+    """Stop this stage when the ``dvc`` that started it dies (e.g. a CI timeout's SIGTERM to
+    dvc): an orphaned stage would later write its outputs behind DVC's back."""
+    start = _proc_stat(pid)
+
+    def watch() -> None:
+        while True:
+            now = _proc_stat(pid)
+            if now is None or now[1] == "Z" or now[2] != start[2]:
+                _STOP_REASON["why"] = f"dvc (pid {pid}), which started this stage, exited"
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            threading.Event().wait(interval)
+
+    threading.Thread(target=watch, name="dvc-watch", daemon=True).start()
 
 
 def load(args: argparse.Namespace) -> Params:
-    """Validate params once, before any work; a bad file stops the stage with the key paths at fault."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    """Validate params once, before any work; a bad file stops the stage with the key paths at fault.
+
+    Also checks the MLflow store (seconds, not MLflow's minutes of retries), and makes SIGINT,
+    SIGTERM and the death of the parent ``dvc`` stop the stage cleanly.
+    """
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     try:
         params = load_params(args.params)
     except ParamsError as err:
         sys.exit(f"error: {err}")
+    uri = tracking.resolve_uri(params.mlflow.tracking_uri)
+    if uri is not None:
+        try:
+            tracking.check_store(uri)
+        except tracking.TrackingError as err:
+            sys.exit(f"error: {err}")
+    if os.environ.get("DVC_STAGE") and Path("/proc").is_dir():
+        pid = _dvc_ancestor()
+        if pid is not None:
+            _watch_parent(pid)
     from transformers.utils import logging as hf_logging
 
     # Per-tensor load/save bars flood DVC's log; the training bar stays.
@@ -92,75 +158,54 @@ def section(params: Params, *names: str) -> dict:
     return out
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def pipeline_id(params_path: str) -> str:
-    """One id per pipeline execution: $SMOE_PIPELINE_ID, else a hash of the params file and commit."""
-    if os.environ.get("SMOE_PIPELINE_ID"):
-        return os.environ["SMOE_PIPELINE_ID"]
-    digest = hashlib.sha256(Path(params_path).read_bytes() + git_commit().encode()).hexdigest()
-    return digest[:12]
-
-
 def write_json(obj: dict, path: str | Path) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-class _Run:
-    def __init__(self, mlflow) -> None:
-        self._mlflow = mlflow
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    # torch.save and safetensors report a full disk as their own errors, without an errno.
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "No space left on device" in text or "file write failed" in text or "StorageFull" in text
+    )
 
-    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
-        flat = {
-            f"{prefix}{k}": float(v)
-            for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        if flat:
-            self._mlflow.log_metrics(flat, step=step)
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._mlflow.log_artifact(str(path))
-
-    def log_params(self, params: dict) -> None:
-        flat = {k: str(v)[:500] for k, v in flatten(params).items()}
-        for i in range(0, len(flat), 90):  # MLflow accepts at most 100 params per call
-            self._mlflow.log_params(dict(list(flat.items())[i : i + 90]))
+def _free_mb(path: Path) -> str:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return f"{shutil.disk_usage(folder).free / 2**20:.1f} MB free on {folder}"
+    return "free space unknown"
 
 
 @contextmanager
 def mlflow_run(params: Params, params_path: str, stage: str, sections: dict, run_name: str | None = None):
-    """An MLflow run tagged with stage, git commit and pipeline id, holding the stage's params."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    import mlflow
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(ROOT / uri.removeprefix("sqlite:///"))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(params.mlflow.experiment)
-    tags = {"stage": stage, "git_commit": git_commit(), "pipeline_id": pipeline_id(params_path)}
-    with mlflow.start_run(run_name=run_name or stage, tags=tags):
-        run = _Run(mlflow)
-        run.log_params(sections)
-        yield run
+    """The stage's MLflow run, a child of its pipeline execution's parent run (``stages.tracking``),
+    holding the stage's params; a full disk while inside it ends the stage in one line."""
+    all_params = yaml.safe_load(Path(params_path).read_text()) or {}
+    uri = tracking.resolve_uri(params.mlflow.tracking_uri)
+    with tracking.stage_run(
+        uri, params.mlflow.experiment, params_path, stage, sections, all_params, run_name
+    ) as run:
+        try:
+            yield run
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err):
+                raise
+            where = Path(getattr(err, "filename", None) or Path.cwd())
+            raise SystemExit(
+                f"error: no space left on device while writing {where} ({_free_mb(where)}); "
+                "free space there and re-run the stage (its temporary files were removed)"
+            ) from None
 
 
 def dump_yaml(obj: dict) -> str:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import flatten
 from pipeline.data import load_prepared
 from pipeline.meo_report import comparison_table, evaluate_classifier, read_variant
 from pipeline.modeling import resolve_device
+from pipeline.plots import accuracy_vs_size_figure
 from pipeline.upcycle import load_classifier
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
@@ -63,6 +65,21 @@ def main(argv: list[str] | None = None) -> None:
         table = comparison_table(results, keys, correct)
         for g, row in table.items():
             run.log_metrics(row, prefix=f"table.{g}.")
+        # One row per model of the matrix, on this run and on the pipeline's parent run.
+        rows_out = [
+            {
+                "variant": n,
+                **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            }
+            for n, r in results.items()
+        ]
+        headline = {
+            f"table.{g}.{k}": v
+            for g, row in table.items()
+            for k, v in flatten(row).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        run.log_summary(rows_out, headline, accuracy_vs_size_figure(results), name="matrix")
         write_json({"split": e.split, "n": len(rows), "models": results, "table": table}, args.metrics)
         if args.predictions:
             write_json(

@@ -10,6 +10,7 @@ import time
 
 from pipeline.adapters import adapter_for
 from pipeline.compression import compress_model
+from pipeline.data import load_tokenizer
 from pipeline.evaluation import expert_stats
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.routing import set_router_mode
@@ -25,8 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     c = params.compress
+    sources = {"mc_smoe": args.model, "c_smoe": args.full}
     with stop_on_bad_input():
         models = {"mc_smoe": load_model(args.model), "c_smoe": load_model(args.full)}
+        tokenizers = {name: load_tokenizer(f) for name, f in sources.items()}
         adapter = adapter_for(models["mc_smoe"])
         # MC-SMoE's router takes its final form before its experts are compressed.
         routers = set_router_mode(models["mc_smoe"], adapter, params.merge.router)
@@ -40,9 +43,6 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 f"compress.rank={c.rank} must be below the smallest expert matrix dimension {min(dims)}"
             )
-    from transformers import AutoTokenizer
-
-    sources = {"mc_smoe": args.model, "c_smoe": args.full}
     outs = {"mc_smoe": args.out, "c_smoe": args.out_c}
     scopes = {"mc_smoe": c.scope, "c_smoe": "all"}
     lineage_keys = {
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                     model,
                     tmp,
                     params=lineage(params, lineage_keys[name], sources[name]),
-                    tokenizer=AutoTokenizer.from_pretrained(sources[name]),
+                    tokenizer=tokenizers[name],
                 )
             metrics[name] = {
                 **expert_stats(model),

@@ -20,16 +20,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.adapters import adapter_for
-from pipeline.config import flatten
 from pipeline.data import load_prepared
 from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference
 from pipeline.knockout import zero_experts
 from pipeline.modeling import load_model, resolve_device, save_model
+from pipeline.plots import accuracy_vs_size_figure
 from pipeline.routing import router_mode_variants
-from pipeline.training import evaluate_accuracy
+from pipeline.training import check_token_ids, evaluate_accuracy
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
@@ -51,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
         models = {v: load_model(f) for v, f in folders.items()}
+        if task.objective != "lm":
+            for m in models.values():
+                check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
     results, logps, kls = {}, {}, {}
     with (
@@ -126,12 +128,16 @@ def main(argv: list[str] | None = None) -> None:
                 },
                 args.predictions,
             )
-    # One run per pipeline execution with every param, so runs compare side by side in the MLflow UI.
-    all_params = yaml.safe_load(Path(args.params).read_text())
-    with mlflow_run(params, args.params, "pipeline", flatten(all_params), run_name="pipeline") as run:
-        for v, r in results.items():
-            run.log_metrics(r, prefix=f"{v}.")
-        run.log_artifact(args.metrics)
+        # The variant x metric table, on this run and on the pipeline execution's parent run
+        # (where the experiment page shows the headline metrics as columns).
+        table = [
+            {"variant": v, **{k: x for k, x in r.items() if isinstance(x, (int, float))}}
+            for v, r in results.items()
+        ]
+        headline = {
+            f"{v}.{k}": x for row in table for v in [row["variant"]] for k, x in row.items() if k != "variant"
+        }
+        run.log_summary(table, headline, accuracy_vs_size_figure(results))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.checkpointing import TrainingCheckpointError
 from pipeline.config import ParamsError, with_overrides
 from pipeline.data import load_prepared
 from pipeline.modeling import (
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             inputs = [args.data] + ([m.name_or_path] if m.name_or_path else [])
             ckpt = checkpointing(params, args.out, made_by, *inputs)
-            with stop_on_bad_input(TrainingCheckpointError):
+            with stop_on_bad_input():
                 summary = train(
                     model,
                     task.splits["train"],

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pipeline.adapters import adapter_for
 from pipeline.analysis import remaining_param_ratios
-from pipeline.checkpointing import TrainingCheckpointError
 from pipeline.compression import SparsePruner, finalize_compact
 from pipeline.data import load_prepared
 from pipeline.evaluation import expert_stats
@@ -114,21 +113,22 @@ def main(argv: list[str] | None = None) -> None:
             if params.zero_shot:
                 summary = {"best_step": 0, "total_steps": 0}
                 if pruner is not None:
-                    summary = prune_without_training(
-                        student,
-                        task.splits["train"],
-                        tok.pad_token_id,
-                        settings,
-                        pruner,
-                        device,
-                        params.runtime.dtype,
-                        params.merge_seed,
-                    )
+                    with stop_on_bad_input():
+                        summary = prune_without_training(
+                            student,
+                            task.splits["train"],
+                            tok.pad_token_id,
+                            settings,
+                            pruner,
+                            device,
+                            params.runtime.dtype,
+                            params.merge_seed,
+                        )
                     summary["best_step"] = summary["total_steps"]
                 summary[f"best_dev_{dev.name}"] = dev.compute(student.to(device))
             else:
                 ckpt = checkpointing(params, outs[name], made_by, args.data, args.teacher, sources[name])
-                with stop_on_bad_input(TrainingCheckpointError):
+                with stop_on_bad_input():
                     summary = train(
                         student,
                         task.splits["train"],

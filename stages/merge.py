@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.adapters import adapter_for
 from pipeline.analysis import dominant_experts, expert_stable_ranks, stable_rank_change
-from pipeline.data import read_json
+from pipeline.data import load_tokenizer, read_json
 from pipeline.evaluation import expert_stats
 from pipeline.grouping import validate_groups
 from pipeline.merging import merge_model
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         groups = read_json(Path(args.groups), "expert groups")
         adapter = adapter_for(model)
         validate_groups(groups, {ly.name: adapter.num_experts(ly) for ly in adapter.sparse_layers(model)})
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
     with mlflow_run(params, args.params, "merge", section(params, "merge")) as run:
         dominant = dominant_experts(groups)
         before = expert_stable_ranks(model, adapter, dominant)

@@ -14,6 +14,7 @@ from pipeline.data import (
     TASKS,
     DataError,
     load_task,
+    load_tokenizer,
     resolve_data_dir,
     subsample,
     tokenize_split,
@@ -23,7 +24,6 @@ from pipeline.data import (
 from pipeline.modeling import atomic_dir
 from pipeline.zeroshot import lm_rows, load_choice_task, load_wikitext
 from stages.common import (
-    ROOT,
     dump_yaml,
     lineage,
     load,
@@ -33,6 +33,7 @@ from stages.common import (
     stop_on_bad_input,
     write_json,
 )
+from stages.tracking import repo_root
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,14 +45,15 @@ def main(argv: list[str] | None = None) -> None:
         return _prepare_lm(args, params)
     d, t0 = params.data, time.time()
     with stop_on_bad_input():
-        splits = load_task(d.task, resolve_data_dir(d.data_dir, base=ROOT))
+        splits = load_task(d.task, resolve_data_dir(d.data_dir, base=repo_root()))
     splits["train"] = subsample(splits["train"], d.max_train_samples, params.seed)
     splits["dev"] = subsample(splits["dev"], d.max_dev_samples, params.seed)
     if "test" in splits:
         splits["test"] = subsample(splits["test"], d.max_test_samples, params.seed)
     spec = TASKS.get(d.task)
     texts = [e.source for e in splits["train"]] + list(spec.label_words)
-    tokenizer = _tokenizer(params, texts, list(spec.label_words))
+    with stop_on_bad_input():
+        tokenizer = _tokenizer(params, texts, list(spec.label_words))
     with (
         mlflow_run(params, args.params, "prepare", section(params, *_keys(params))) as run,
         atomic_dir(args.out) as tmp,
@@ -91,11 +93,9 @@ def _keys(params) -> tuple[str, ...]:
 
 def _tokenizer(params, texts: list[str], extra: list[str]):
     if params.model.name_or_path:
-        from transformers import AutoTokenizer
-
         from pipeline.sources import dense_source
 
-        return AutoTokenizer.from_pretrained(
+        return load_tokenizer(
             dense_source(params.model.name_or_path), trust_remote_code=params.model.trust_remote_code
         )
     return train_bpe_tokenizer(texts, params.data.tokenizer_vocab_size, extra)
@@ -103,7 +103,7 @@ def _tokenizer(params, texts: list[str], extra: list[str]):
 
 def _prepare_lm(args, params) -> None:
     d, t0 = params.data, time.time()
-    data_dir = resolve_data_dir(d.data_dir, base=ROOT)
+    data_dir = resolve_data_dir(d.data_dir, base=repo_root())
     with stop_on_bad_input():
         train_text = load_wikitext(data_dir, d.lm_train_split)
         test_text = load_wikitext(data_dir, "test")

@@ -11,6 +11,7 @@ from pipeline.data import load_prepared
 from pipeline.modeling import atomic_dir, load_model, resolve_device
 from pipeline.plots import plot_expert_usage
 from pipeline.profiling import profile_gradients, profile_routing, save_profile
+from pipeline.training import check_token_ids
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     if n > len(rows):
         sys.exit(f"error: profile.num_samples={n} exceeds the {len(rows)} training examples")
     sample = random.Random(params.merge_seed).sample(rows, n)
+    with stop_on_bad_input():
+        check_token_ids(model, sample, (), "the prepared train split")
     with mlflow_run(
         params, args.params, "profile", section(params, "merge_seed", "profile", "runtime")
     ) as run:

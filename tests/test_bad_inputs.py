@@ -7,88 +7,40 @@ Every case runs a stage's ``main`` exactly as ``dvc repro`` would, from a params
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import signal
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.modeling import build_model, load_model
 from pipeline.profiling import profile_routing, save_profile
 from stages import finetune, group, merge, prepare, profile
+from tests import bad_inputs_integrity, bad_inputs_params, bad_inputs_runtime
+from tests.bad_input_harness import (
+    GOOD_TSV,
+    Case,
+    Ctx,
+    checkpoint_setup,
+    data_files,
+    model_args,
+    params_text,
+    prepared_with,
+    set_params,
+)
 from tests.conftest import EOS_ID, PAD_ID, TINY, VOCAB
-
-ROOT = Path(__file__).resolve().parents[1]
-SST2 = Path("glue") / "SST-2"
-
-
-@dataclass
-class Ctx:
-    """What a case may use: a scratch folder and valid upstream outputs to break one at a time."""
-
-    tmp: Path
-    tiny_dir: Path
-    prepared: Path
-    profile_dir: Path
-    monkeypatch: pytest.MonkeyPatch
-    overrides: dict = field(default_factory=dict)
-
-    def params(self, **overrides) -> Path:
-        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        for dotted, value in {**self.overrides, **overrides}.items():
-            node = raw
-            *parents, leaf = dotted.split(".")
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[leaf] = value
-        raw["mlflow"]["tracking_uri"] = f"sqlite:///{self.tmp / 'mlflow.db'}"
-        path = self.tmp / "params.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
-
-    def copy_of(self, folder: Path, name: str) -> Path:
-        dst = self.tmp / name
-        dst.mkdir()
-        for f in folder.iterdir():
-            (dst / f.name).write_bytes(f.read_bytes()) if f.is_file() else None
-        return dst
-
-    def data_dir(self, files: dict[str, str]) -> None:
-        folder = self.tmp / "data"
-        for name, content in files.items():
-            (folder / SST2).mkdir(parents=True, exist_ok=True)
-            (folder / SST2 / name).write_text(content)
-        self.monkeypatch.setenv("SMOE_DATA_DIR", str(folder))
-
-
-@dataclass
-class Case:
-    id: str
-    stage: Callable
-    # Sets up the bad input; returns the params file and the stage's extra arguments.
-    setup: Callable[[Ctx], tuple[Path, list[str]]]
-    expect: tuple[str, ...]
-
-
-def _checkpoint(ctx: Ctx, folder: Path) -> tuple[Path, list[str]]:
-    p = ctx.params(
-        **{"model.name_or_path": str(folder), "model.config": None, "model.init_embeddings_from": None}
-    )
-    return p, ["--data", str(ctx.prepared)]
 
 
 def _no_weights(ctx: Ctx):
     folder = ctx.tmp / "ckpt"
     folder.mkdir()
     (folder / "config.json").write_bytes((ctx.tiny_dir / "config.json").read_bytes())
-    return _checkpoint(ctx, folder)
+    return checkpoint_setup(ctx, folder)
 
 
 def _corrupt_weights(ctx: Ctx):
     folder = ctx.copy_of(ctx.tiny_dir, "ckpt")
     (folder / "model.safetensors").write_bytes(b"\x00" * 64)
-    return _checkpoint(ctx, folder)
+    return checkpoint_setup(ctx, folder)
 
 
 def _no_smoe_layer(ctx: Ctx):
@@ -100,7 +52,7 @@ def _no_smoe_layer(ctx: Ctx):
         decoder_start_token_id=0,
     )
     SwitchTransformersForConditionalGeneration(cfg).save_pretrained(str(ctx.tmp / "dense"))
-    return _checkpoint(ctx, ctx.tmp / "dense")
+    return checkpoint_setup(ctx, ctx.tmp / "dense")
 
 
 def _bert(ctx: Ctx):
@@ -110,7 +62,7 @@ def _bert(ctx: Ctx):
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     )
     BertModel(cfg).save_pretrained(str(ctx.tmp / "bert"))
-    return _checkpoint(ctx, ctx.tmp / "bert")
+    return checkpoint_setup(ctx, ctx.tmp / "bert")
 
 
 def _custom_code(ctx: Ctx):
@@ -118,29 +70,13 @@ def _custom_code(ctx: Ctx):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(model_type="my_moe", auto_map={"AutoConfig": "my_moe.MyMoEConfig"})
     (folder / "config.json").write_text(json.dumps(cfg))
-    return _checkpoint(ctx, folder)
-
-
-def _prepared_with(ctx: Ctx, name: str, content: str):
-    folder = ctx.copy_of(ctx.prepared, "prepared")
-    (folder / "tokenizer").mkdir()
-    for f in (ctx.prepared / "tokenizer").iterdir():
-        (folder / "tokenizer" / f.name).write_bytes(f.read_bytes())
-    (folder / name).write_text(content)
-    return ctx.params(), ["--data", str(folder)]
-
-
-def _model_args(ctx: Ctx, profile_dir: Path, **extra: str) -> list[str]:
-    args = ["--model", str(ctx.tiny_dir), "--profile", str(profile_dir)]
-    for k, v in extra.items():
-        args += [f"--{k}", v]
-    return args
+    return checkpoint_setup(ctx, folder)
 
 
 def _corrupt_profile(ctx: Ctx):
     folder = ctx.copy_of(ctx.profile_dir, "profile")
     (folder / "profile.safetensors").write_bytes(b"{not safetensors")
-    return ctx.params(), _model_args(ctx, folder)
+    return ctx.params(), model_args(ctx, folder)
 
 
 def _other_profile(ctx: Ctx):
@@ -154,12 +90,12 @@ def _other_profile(ctx: Ctx):
         {k: t for k, t in tensors.items() if k.split("::")[0] in kept}, str(folder / "profile.safetensors")
     )
     (folder / "profile.json").write_text(json.dumps({n: summary[n] for n in kept}))
-    return ctx.params(), _model_args(ctx, folder)
+    return ctx.params(), model_args(ctx, folder)
 
 
 def _groups(ctx: Ctx, content: str):
     (ctx.tmp / "groups.json").write_text(content)
-    return ctx.params(), _model_args(ctx, ctx.profile_dir, groups=str(ctx.tmp / "groups.json"))
+    return ctx.params(), model_args(ctx, ctx.profile_dir, groups=str(ctx.tmp / "groups.json"))
 
 
 def _bad_training_checkpoint(ctx: Ctx):
@@ -178,38 +114,18 @@ def _without_cuda(ctx: Ctx):
     return ctx.params(**{"runtime.device": "cuda"}), ["--data", str(ctx.prepared)]
 
 
-def _text(ctx: Ctx, text: str):
-    path = ctx.tmp / "params.yaml"
-    path.write_text(text)
-    return path, []
-
-
-def _set(**overrides):
-    return lambda ctx: (ctx.params(**{k.replace("__", "."): v for k, v in overrides.items()}), [])
-
-
-def _data(files: dict[str, str]):
-    def setup(ctx: Ctx):
-        ctx.data_dir(files)
-        return ctx.params(), []
-
-    return setup
-
-
-GOOD_TSV = "sentence\tlabel\na fine film\t1\ndull\t0\n"
-
 CASES = [
     # ------------------------------------------------------------ params.yaml
     Case(
         "params file is not YAML",
         prepare.main,
-        lambda c: _text(c, "data: [unclosed\n"),
+        lambda c: params_text(c, "data: [unclosed\n"),
         ("is not valid YAML",),
     ),
     Case(
         "params file is a list",
         prepare.main,
-        lambda c: _text(c, "- a\n- b\n"),
+        lambda c: params_text(c, "- a\n- b\n"),
         ("params must be a mapping of sections, got list",),
     ),
     Case(
@@ -218,59 +134,61 @@ CASES = [
         lambda c: (c.tmp / "nope.yaml", []),
         ("params file", "nope.yaml not found"),
     ),
-    Case("unknown key", prepare.main, _set(merge__stratgy="frequency"), ("merge.stratgy: unknown key",)),
+    Case(
+        "unknown key", prepare.main, set_params(merge__stratgy="frequency"), ("merge.stratgy: unknown key",)
+    ),
     Case(
         "wrong type",
         prepare.main,
-        _set(finetune__batch_size="big"),
+        set_params(finetune__batch_size="big"),
         ("finetune.batch_size: Input should be a valid integer",),
     ),
     Case(
         "rank above the matrix size",
         prepare.main,
-        _set(compress__rank=512),
+        set_params(compress__rank=512),
         ("compress.rank=512 must be below the expert matrix size min(d_model, d_ff)=128",),
     ),
     Case(
         "sparse ratio 0",
         prepare.main,
-        _set(compress__sparse_ratio=0),
+        set_params(compress__sparse_ratio=0),
         ("compress.sparse_ratio: Input should be greater than 0",),
     ),
     Case(
         "sparse ratio above 1",
         prepare.main,
-        _set(compress__sparse_ratio=1.5),
+        set_params(compress__sparse_ratio=1.5),
         ("compress.sparse_ratio: Input should be less than or equal to 1",),
     ),
     Case(
         "more experts kept than exist",
         prepare.main,
-        _set(group__num_experts_avg=17),
+        set_params(group__num_experts_avg=17),
         ("group.num_experts_avg=17 exceeds model.config.num_experts=16",),
     ),
     Case(
         "zero profiling samples",
         prepare.main,
-        _set(profile__num_samples=0),
+        set_params(profile__num_samples=0),
         ("profile.num_samples: Input should be greater than or equal to 1",),
     ),
     Case(
         "unknown method name",
         prepare.main,
-        _set(merge__strategy="ties"),
+        set_params(merge__strategy="ties"),
         ("merge.strategy: unknown merge strategy 'ties'; valid choices: fisher, frequency, uniform",),
     ),
     Case(
         "unknown task",
         prepare.main,
-        _set(data__task="imagenet"),
+        set_params(data__task="imagenet"),
         ("data.task: unknown task 'imagenet'; valid choices: mrpc, sst2, wikitext2",),
     ),
     Case(
         "unknown model family",
         prepare.main,
-        _set(model__family="gpt2"),
+        set_params(model__family="gpt2"),
         (
             "model.family: unknown model family 'gpt2'; valid choices: ",
             "bert",
@@ -281,31 +199,31 @@ CASES = [
     Case(
         "checkpoint and config both given",
         prepare.main,
-        _set(model__name_or_path="google/switch-base-8"),
+        set_params(model__name_or_path="google/switch-base-8"),
         ("set exactly one of model.name_or_path (a checkpoint) or model.config (build one)",),
     ),
     Case(
         "method needs gradients the profile lacks",
         prepare.main,
-        _set(merge__strategy="fisher"),
+        set_params(merge__strategy="fisher"),
         ("merge.strategy=fisher needs gradients from profiling: set profile.gradients: true",),
     ),
     Case(
         "decoder family on a classification task",
         prepare.main,
-        _set(model__family="mixtral"),
+        set_params(model__family="mixtral"),
         ("data.task=sst2 does not fit model.family=mixtral", "causal LM families train on wikitext2"),
     ),
     Case(
         "zero-shot tasks with a classification task",
         prepare.main,
-        _set(data__zero_shot_tasks=["copa"]),
+        set_params(data__zero_shot_tasks=["copa"]),
         ("data.zero_shot_tasks scores a language model; data.task=sst2 is a classification task",),
     ),
     Case(
         "zero_shot without a checkpoint",
         prepare.main,
-        _set(zero_shot=True),
+        set_params(zero_shot=True),
         ("zero_shot: true skips training, so it needs a trained checkpoint in model.name_or_path",),
     ),
     Case(
@@ -317,7 +235,7 @@ CASES = [
     Case(
         "negative checkpoint interval",
         prepare.main,
-        _set(checkpoints__every_steps=-1),
+        set_params(checkpoints__every_steps=-1),
         ("checkpoints.every_steps: Input should be greater than or equal to 0",),
     ),
     # ------------------------------------------------------------ task files
@@ -330,25 +248,25 @@ CASES = [
     Case(
         "data file missing",
         prepare.main,
-        _data({"train.tsv": GOOD_TSV}),
+        data_files({"train.tsv": GOOD_TSV}),
         ("missing data file", "dev.tsv for task 'sst2' split 'dev'"),
     ),
     Case(
         "malformed data file",
         prepare.main,
-        _data({"train.tsv": "text\tscore\nfine\t1\n", "dev.tsv": GOOD_TSV}),
+        data_files({"train.tsv": "text\tscore\nfine\t1\n", "dev.tsv": GOOD_TSV}),
         ("train.tsv: malformed row, missing column(s) ['sentence', 'label']",),
     ),
     Case(
         "label out of range",
         prepare.main,
-        _data({"train.tsv": GOOD_TSV, "dev.tsv": "sentence\tlabel\nfine\t4\n"}),
+        data_files({"train.tsv": GOOD_TSV, "dev.tsv": "sentence\tlabel\nfine\t4\n"}),
         ("dev.tsv: label 4 out of range [0, 1]",),
     ),
     Case(
         "empty split",
         prepare.main,
-        _data({"train.tsv": GOOD_TSV, "dev.tsv": "sentence\tlabel\n"}),
+        data_files({"train.tsv": GOOD_TSV, "dev.tsv": "sentence\tlabel\n"}),
         ("task 'sst2': split 'dev' is empty",),
     ),
     # ------------------------------------------------------------ prepared data
@@ -361,20 +279,20 @@ CASES = [
     Case(
         "prepared task.json corrupt",
         finetune.main,
-        lambda c: _prepared_with(c, "task.json", "{oops"),
+        lambda c: prepared_with(c, "task.json", "{oops"),
         ("task.json: task description is not valid JSON",),
     ),
     Case(
         "tokenized split corrupt",
         finetune.main,
-        lambda c: _prepared_with(c, "train.jsonl", '{"input_ids": [1, 2]}\n{"input_ids": [3,\n'),
+        lambda c: prepared_with(c, "train.jsonl", '{"input_ids": [1, 2]}\n{"input_ids": [3,\n'),
         ("train.jsonl:2: not valid JSON", "run the prepare stage again"),
     ),
     # ------------------------------------------------------------ checkpoints
     Case(
         "checkpoint folder does not exist",
         finetune.main,
-        lambda c: _checkpoint(c, c.tmp / "missing"),
+        lambda c: checkpoint_setup(c, c.tmp / "missing"),
         ("model folder", "missing does not exist"),
     ),
     Case(
@@ -428,7 +346,7 @@ CASES = [
     Case(
         "profile folder missing",
         group.main,
-        lambda c: (c.params(), _model_args(c, c.tmp / "no-profile")),
+        lambda c: (c.params(), model_args(c, c.tmp / "no-profile")),
         ("no-profile holds no routing profile (profile.json); run the profile stage first",),
     ),
     Case(
@@ -467,6 +385,9 @@ CASES = [
     ),
 ]
 
+# Cases of the second reliability pass (issue 17), one module per area.
+CASES += bad_inputs_params.CASES + bad_inputs_integrity.CASES + bad_inputs_runtime.CASES
+
 
 @pytest.fixture(scope="module")
 def profile_dir(tiny_dir, rows, tmp_path_factory) -> Path:
@@ -481,7 +402,7 @@ def profile_dir(tiny_dir, rows, tmp_path_factory) -> Path:
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 80 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -493,16 +414,28 @@ def test_bad_input_stops_the_stage_with_a_clear_message(
     params_path, extra = case.setup(ctx)
     out, metrics = tmp_path / "out", tmp_path / "metrics.json"
     argv = ["--params", str(params_path), "--out", str(out), "--metrics", str(metrics), *extra]
-    with pytest.raises(SystemExit) as exc:
-        case.stage(argv)
+    before = set(tmp_path.rglob("*"))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exc:
+            case.stage(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     message = str(exc.value.code)
     print(f"\n[{case.id}] {message}")  # the table of the closing note is read from here (pytest -s)
-    assert message.startswith("error: ") and "\n" not in message.split(":", 1)[0]
+    assert message.startswith("error: ") and "\n" not in message, message
     for part in case.expect:
         assert part in message, message
-    # Nothing that looks like an output, and no temporary leftovers.
+    # Nothing that looks like an output, and no temporary leftovers: the only new files are the
+    # MLflow store's.
     assert not out.exists() and not metrics.exists()
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    left = {
+        p.relative_to(tmp_path)
+        for p in set(tmp_path.rglob("*")) - before
+        if p.parts[len(tmp_path.parts)] not in ("mlflow.db", "mlruns") and not p.is_dir()
+    }
+    assert not left, f"left behind: {sorted(map(str, left))}"
 
 
 def test_a_model_built_without_smoe_layers_is_refused():

@@ -1,6 +1,7 @@
 """params.yaml validation: the shipped file is valid, and every bad value is named by its key path."""
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -209,6 +210,9 @@ def _project_imports(module: str) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if names and (ROOT / names[0].replace(".", "/")).is_dir():
+            # `from stages import tracking`: the names are the package's modules.
+            names = [f"{node.module}.{a.name}" for a in node.names]
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         found |= {n for n in names if n.split(".")[0] in ("pipeline", "stages")}
@@ -231,3 +235,207 @@ def test_every_stage_lists_the_library_modules_it_imports(dvc_file):
         needed = {m.replace(".", "/") + ".py" for m in seen} - {"pipeline/config.py", "pipeline/registry.py"}
         missing = sorted(needed - set(stage["deps"]))
         assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them as deps"
+
+
+# ---------------------------------------------------------------- second reliability pass (issue 17)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {config: {}}\nseed: 1\nseed: 2\n", "duplicate key seed at lines 2 and 3"),
+        (
+            "model:\n  config: {}\n  family: bert\n  family: mixtral\n",
+            "duplicate key model.family at lines 3 and 4",
+        ),
+        (
+            "model: {config: {}}\nvariants:\n  a: {seed: 1, seed: 2}\n",
+            "duplicate key variants.a.seed at lines 3 and 3",
+        ),
+    ],
+)
+def test_duplicate_keys_are_refused(tmp_path, text, message):
+    with pytest.raises(ParamsError, match="params.yaml: " + re.escape(message)):
+        load_params(_write(tmp_path, text))
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    # A merge key may override what it merges in.
+    f = _write(
+        tmp_path, "model: {config: {}}\nfinetune: &f {lr: 0.001}\nkd:\n  train:\n    <<: *f\n    lr: 0.01\n"
+    )
+    assert load_params(f).kd.train.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("finetune.batch_size", True, "finetune.batch_size: true is a boolean, not an integer"),
+        ("kd.train.lr", False, "kd.train.lr: false is a boolean, not a number"),
+        ("data.max_train_samples", True, "data.max_train_samples: true is a boolean, not an integer"),
+        ("model.router_init_std", True, "model.router_init_std: true is a boolean, not a number"),
+        ("finetune.lr", float("inf"), "finetune.lr: Input should be a finite number"),
+        ("compress.beta1", float("nan"), "compress.beta1: Input should be a finite number"),
+        ("finetune.epochs", float("-inf"), "finetune.epochs: Input should be a finite number"),
+    ],
+)
+def test_booleans_and_non_finite_numbers_are_refused(path, value, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(_set(_default(), path, value))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_booleans_for_bool_fields_and_ints_for_float_fields_still_work():
+    raw = _set(_set(_default(), "group.skip_first_layer", False), "finetune.lr", 1)
+    p = parse_params(_set(raw, "finetune.epochs", 2))
+    assert p.group.skip_first_layer is False and p.finetune.lr == 1 and p.finetune.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "family, config, message",
+    [
+        (
+            "switch_transformers",
+            {"num_expert": 8},
+            "model.config.num_expert: unknown key of SwitchTransformersConfig",
+        ),
+        ("switch_transformers", {"d_model": "128"}, "model.config.d_model: '128' (str) is not an integer"),
+        (
+            "switch_transformers",
+            {"num_experts": True},
+            "model.config.num_experts: true (bool) is not an integer",
+        ),
+        (
+            "switch_transformers",
+            {"router_bias": "no"},
+            "model.config.router_bias: 'no' (str) is not true or false",
+        ),
+        ("switch_transformers", {"dense_act_fn": 3}, "model.config.dense_act_fn: 3 (int) is not a string"),
+        (
+            "switch_transformers",
+            {"dropout_rate": "x"},
+            "model.config.dropout_rate: 'x' (str) is not a number",
+        ),
+        ("mixtral", {"num_local_expert": 8}, "did you mean num_local_experts?"),
+    ],
+)
+def test_model_config_is_checked_against_the_config_class(family, config, message):
+    raw = {
+        "model": {"family": family, "config": config},
+        "data": {"task": "wikitext2" if family == "mixtral" else "sst2"},
+    }
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert message in str(err.value)
+
+
+def test_model_config_accepts_aliases_ints_for_floats_and_none_defaults():
+    cfg = {"hidden_size": 64, "dropout_rate": 0, "bos_token_id": 3, "num_labels": 2}
+    p = parse_params({"model": {"config": cfg}})
+    assert p.model.config == cfg
+    llm = {"num_experts": 8, "hidden_size": 64, "pad_token_id": 0, "eos_token_id": [2, 3]}
+    parse_params({"model": {"family": "mixtral", "config": llm}, "data": {"task": "wikitext2"}})
+
+
+def test_rank_and_expert_count_use_the_config_class_defaults():
+    # Mixtral's default is 8 experts; the alias num_experts names num_local_experts.
+    raw = {
+        "model": {"family": "mixtral", "config": {}},
+        "data": {"task": "wikitext2"},
+        "group": {"num_experts_avg": 9},
+    }
+    with pytest.raises(ParamsError, match=r"num_local_experts=8 \(the MixtralConfig default\)"):
+        parse_params(raw)
+    raw["model"]["config"] = {"num_experts": 16}
+    parse_params(raw)
+
+
+def _checkpoint(tmp_path: Path, **cfg) -> Path:
+    folder = tmp_path / "ckpt"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _from_checkpoint(folder, **over) -> dict:
+    raw = _default()
+    raw["model"].update(name_or_path=str(folder), config=None, init_embeddings_from=None)
+    for k, v in over.items():
+        _set(raw, k, v)
+    return raw
+
+
+SWITCH = {"model_type": "switch_transformers", "num_experts": 8, "d_model": 32, "d_ff": 64}
+
+
+@pytest.mark.parametrize(
+    "cfg, over, message",
+    [
+        (
+            SWITCH,
+            {"group.num_experts_avg": 9},
+            "group.num_experts_avg=9 exceeds num_experts=8 of the checkpoint",
+        ),
+        (
+            SWITCH,
+            {"compress.rank": 40},
+            "compress.rank=40 must be below the expert matrix size min(d_model, d_ff)=32",
+        ),
+        (SWITCH, {"model.family": "mixtral"}, "set model.family: switch_transformers"),
+        (
+            {
+                "model_type": "qwen2_moe",
+                "num_experts": 4,
+                "hidden_size": 64,
+                "moe_intermediate_size": 16,
+                "intermediate_size": 256,
+            },
+            {"model.family": "qwen2_moe", "compress.rank": 16},
+            "min(hidden_size, moe_intermediate_size)=16",
+        ),
+        (
+            {"model_type": "mixtral", "num_local_experts": 2, "hidden_size": 64, "intermediate_size": 64},
+            {"model.family": "mixtral", "group.num_experts_avg": 3},
+            "group.num_experts_avg=3 exceeds num_local_experts=2 of the checkpoint",
+        ),
+    ],
+)
+def test_checkpoint_config_json_is_checked(tmp_path, cfg, over, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(_from_checkpoint(_checkpoint(tmp_path, **cfg), **over))
+    assert message in str(err.value)
+
+
+def test_checkpoint_checks_pass_on_a_fitting_checkpoint(tmp_path):
+    parse_params(_from_checkpoint(_checkpoint(tmp_path, **SWITCH), **{"compress.rank": 31}))
+
+
+def test_hub_ids_and_custom_code_are_left_to_the_loader(tmp_path):
+    # Nothing is downloaded at validation: a Hub id is not checked here.
+    parse_params(_from_checkpoint("google/switch-base-8", **{"group.num_experts_avg": 100}))
+    custom = _checkpoint(tmp_path, model_type="my_moe", auto_map={"AutoConfig": "x.Y"})
+    parse_params(_from_checkpoint(custom))
+
+
+def test_upcycled_package_checkpoint_is_checked():
+    raw = yaml.safe_load((ROOT / "meo" / "params.yaml").read_text())
+    load_params(ROOT / "meo" / "params.yaml")
+    with pytest.raises(ParamsError, match=r"group.num_experts_avg=5 exceeds upcycle.num_experts=4"):
+        parse_params(_set(raw, "group.num_experts_avg", 5))
+    raw = yaml.safe_load((ROOT / "meo" / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match=r"min\(hidden_size, intermediate_size\)=384 of the checkpoint"):
+        parse_params(_set(raw, "compress.rank", 384))
+
+
+def test_mlflow_section():
+    assert parse_params(_set(_default(), "mlflow.tracking_uri", None)).mlflow.tracking_uri is None
+    assert parse_params({"model": {"config": {}}}).mlflow.tracking_uri == "sqlite:///mlflow.db"
+    for key, value in (("mlflow.experiment", ""), ("mlflow.experiment", " \t"), ("mlflow.tracking_uri", "")):
+        with pytest.raises(ParamsError, match=re.escape(f"{key}: is empty")):
+            parse_params(_set(_default(), key, value))

@@ -198,3 +198,55 @@ def test_batches_cover_every_row_once_and_shuffle_is_seeded():
     assert order(shuffle=True, seed=1) == order(shuffle=True, seed=1)
     assert order(shuffle=True, seed=1) != order(shuffle=True, seed=2)
     assert [len(b["input_ids"]) for b in batches(rows, 3, 0)] == [3, 3, 3, 1]
+
+
+# ---------------------------------------------------------------- header-only splits and tokenizers
+
+
+@pytest.mark.parametrize("split,file", [("train", "train.tsv"), ("test", "test_labeled.tsv")])
+def test_a_header_only_split_is_refused_naming_the_file(tmp_path, split, file):
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv", "test_labeled.tsv"):
+        (folder / name).write_text("sentence\tlabel\n" + ("" if name == file else "fine\t1\n"))
+    with pytest.raises(DataError, match=f"split '{split}' is empty: .*{file} holds only its header row"):
+        load_task("sst2", tmp_path)
+
+
+def _bert_tokenizer(folder: Path, words: list[str]):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n"
+    )
+    return BertTokenizer(str(folder / "vocab.txt"))
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
+    from pipeline.data import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(DataError, match="holds no tokenizer files; put the tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_degenerate_tokenizers_are_refused(tmp_path):
+    from pipeline.data import check_tokenizer, load_tokenizer
+
+    with pytest.raises(DataError, match="the tokenizer has only 5 tokens"):
+        check_tokenizer(_bert_tokenizer(tmp_path / "a", []))
+    junk = _bert_tokenizer(tmp_path / "b", [f"zq{i}" for i in range(40)])
+    junk.save_pretrained(str(tmp_path / "b"))
+    with pytest.raises(DataError, match="reads every word of 'the quick brown fox.*as its unknown token"):
+        load_tokenizer(tmp_path / "b")
+    with pytest.raises(DataError, match="unknown token"):
+        tokenize_split(junk, [Example("a", "b", 0)], 8)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"] + [f"w{i}" for i in range(20)]
+    check_tokenizer(_bert_tokenizer(tmp_path / "c", words))  # a real vocabulary passes
+
+
+def test_a_trained_tokenizer_says_none_is_needed_from_a_checkpoint(capsys):
+    tok = train_bpe_tokenizer(["a fine film", "dull"] * 5, 300, ["negative", "positive"])
+    assert "none needed; training a byte-level BPE tokenizer" in capsys.readouterr().out
+    tokenize_split(tok, [Example("a fine film", "positive", 1)], 8)  # passes the tokenizer check

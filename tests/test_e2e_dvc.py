@@ -43,6 +43,32 @@ pytestmark = [
 ]
 
 
+def mlflow_runs(db_path: Path) -> tuple[list[dict], list[dict]]:
+    """The store's pipeline (parent) runs and stage (child) runs, each with its name, status,
+    tags, parent, metric keys and artifact files."""
+    with sqlite3.connect(db_path) as db:
+        runs = db.execute("SELECT run_uuid, name, status, artifact_uri FROM runs").fetchall()
+        tags = db.execute("SELECT run_uuid, key, value FROM tags").fetchall()
+        metrics = db.execute("SELECT DISTINCT run_uuid, key FROM latest_metrics").fetchall()
+    out = []
+    for rid, name, status, art in runs:
+        t = {k: v for r, k, v in tags if r == rid}
+        folder = Path(art.removeprefix("file://"))
+        out.append(
+            {
+                "id": rid,
+                "name": name,
+                "status": status,
+                "artifact_uri": art,
+                "tags": t,
+                "parent": t.get("mlflow.parentRunId"),
+                "metrics": {k for r, k in metrics if r == rid},
+                "artifacts": {p.name for p in folder.rglob("*")} if folder.is_dir() else set(),
+            }
+        )
+    return [r for r in out if r["tags"].get("smoe.role") == "pipeline"], [r for r in out if r["parent"]]
+
+
 def _dvc(repo: Path, *args: str) -> str:
     env = stage_env(SMOE_DATA_DIR=str(DATA), SMOE_PIPELINE_ID="e2e")
     res = subprocess.run(
@@ -160,11 +186,11 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
         saved = yaml.safe_load((repo / folder / "params.yaml").read_text())
         assert "model" in saved and "finetune" in saved, folder
 
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute("SELECT key, value FROM tags WHERE key IN ('stage', 'pipeline_id')").fetchall()
-    stages_logged = {v for k, v in rows if k == "stage"}
-    assert set(STAGES) | {"pipeline"} <= stages_logged
-    assert {v for k, v in rows if k == "pipeline_id"} == {"e2e"}
+    # One parent run for the execution, every stage a child of it, the variant table on both.
+    parents, children = mlflow_runs(repo / "mlflow.db")
+    assert [p["name"] for p in parents] == ["e2e"] and parents[0]["status"] == "FINISHED"
+    assert {c["tags"]["stage"] for c in children if c["parent"] == parents[0]["id"]} == set(STAGES)
+    assert "variants.json" in parents[0]["artifacts"] and "mc_smoe.accuracy" in parents[0]["metrics"]
 
     # Nothing changed: nothing runs.
     assert _ran(_dvc(repo, "repro")) == set()
@@ -258,10 +284,15 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path) -> None:
     assert runs["b"]["metrics"]["group"]["merged_layers"] == 1
     assert runs["c"]["metrics"]["group"]["merged_layers"] == 1
     assert runs["a"]["metrics"]["group"]["merged_layers"] == 2
-    # Each run's stages logged to the repository's MLflow store, under the experiment's name.
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        ids = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'pipeline_id'").fetchall()}
-    assert {f"abl-{k}-s5" for k in ALL_CHOICES} <= ids
+    # Each experiment (run in a temporary copy) logged to the repository's MLflow store: one
+    # parent run named after it, its stages as children, the variant table on the parent.
+    parents, children = mlflow_runs(repo / "mlflow.db")
+    names = [p["name"] for p in parents]
+    for k in ALL_CHOICES:
+        assert names.count(f"abl-{k}-s5") == 1, names
+        parent = next(p for p in parents if p["name"] == f"abl-{k}-s5")
+        assert {c["tags"]["stage"] for c in children if c["parent"] == parent["id"]} >= {"merge", "evaluate"}
+        assert "variants.json" in parent["artifacts"] and parent["status"] == "FINISHED"
     readme = (repo / "README.md").read_text()
     assert all(f"| choices | {k} |" in readme for k in ALL_CHOICES)
 
@@ -287,6 +318,71 @@ LLM_VARIANT_KEYS = {
 def tiny_llm_params() -> dict:
     params = yaml.safe_load((ROOT / "llm" / "params.yaml").read_text())
     return _deep_update(params, yaml.safe_load((ROOT / "tests" / "tiny_llm_params.yaml").read_text()))
+
+
+def test_queued_and_cached_experiments_each_get_one_parent_run(repo: Path, tmp_path: Path) -> None:
+    """A queued experiment run with `--run-all`, and one whose training stages all come from DVC's
+    run cache, each appear once in the repository's store, named after them (the ablation test
+    above covers `--temp`); `scripts.mlflow_sync` gives every experiment a row in a store that has
+    none, once."""
+    _dvc(repo, "repro")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline for experiments", "--allow-empty")
+    # A router mode no earlier test left in params.yaml, so that compress re-runs.
+    quick = [
+        "-S",
+        "kd.train.epochs=0.25",
+        "-S",
+        "evaluate.speed_batches=1",
+        "-S",
+        "merge.router=prune-logsumexp",
+    ]
+    env = stage_env()  # no SMOE_DATA_DIR: the stages find ../shared/data beside the repository
+
+    def run(*args: str, **extra: str) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=repo,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout + res.stderr
+
+    shared = repo.parent / "shared"
+    if not shared.exists():
+        shared.symlink_to(DATA.parent)
+    run("dvc", "exp", "run", "--queue", "-n", "q-prune", *quick)
+    run("dvc", "exp", "run", "--run-all", "-j", "1")
+    # The same params again: the training stages are restored from the run cache and log nothing;
+    # evaluate runs (DVC's run cache cannot hold its git-tracked predictions.json) and logs the row.
+    again = run("dvc", "exp", "run", "--temp", "-n", "q-prune-again", *quick)
+    assert "Stage 'kd_finetune' is cached" in again and "Running stage 'evaluate'" in again
+
+    parents, children = mlflow_runs(repo / "mlflow.db")
+    names = [p["name"] for p in parents]
+    for name, ran in (("q-prune", {"compress", "kd_finetune", "evaluate"}), ("q-prune-again", {"evaluate"})):
+        assert names.count(name) == 1, names
+        parent = next(p for p in parents if p["name"] == name)
+        assert parent["status"] == "FINISHED" and "variants.json" in parent["artifacts"], parent
+        assert "mc_smoe.accuracy" in parent["metrics"], parent["metrics"]
+        # Artifacts live beside the store, not in the temporary copy DVC deleted.
+        assert parent["artifact_uri"].startswith((repo / "mlruns").as_uri()), parent["artifact_uri"]
+        logged = {c["tags"]["stage"] for c in children if c["parent"] == parent["id"]}
+        assert logged == ran if name == "q-prune-again" else logged >= ran, (name, logged)
+
+    # Experiments that never logged to a store (here: a fresh one) get their rows from the sync.
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    first = run("scripts.mlflow_sync", MLFLOW_TRACKING_URI=fresh)
+    assert "q-prune" in first and "q-prune-again" in first, first
+    assert "logged 0 experiment(s)" in run("scripts.mlflow_sync", MLFLOW_TRACKING_URI=fresh)
+    synced, none = mlflow_runs(tmp_path / "fresh.db")
+    assert not none and {"q-prune", "q-prune-again"} <= {p["name"] for p in synced}
+    row = next(p for p in synced if p["name"] == "q-prune")
+    assert row["tags"]["smoe.source"] == "dvc-exp" and "mc_smoe.accuracy" in row["metrics"]
+    assert "variants.json" in row["artifacts"]
 
 
 def test_decoder_pipeline_repro_and_partial_rerun(repo: Path) -> None:

@@ -217,3 +217,13 @@ def test_atomic_dir_replaces_target_on_success(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_check_finite_weights_names_the_first_bad_tensor():
+    from pipeline.modeling import check_finite_weights
+
+    check_finite_weights({"a": torch.ones(3), "ids": torch.tensor([1, 2])}, "src")
+    with pytest.raises(CheckpointError, match=r"src: weight b holds non-finite values \(2 of 3"):
+        check_finite_weights(
+            {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan"), float("-inf")])}, "src"
+        )

@@ -4,6 +4,7 @@ uninterrupted one; checkpoints of other runs, or unreadable ones, are never resu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,14 +211,9 @@ def test_checkpoints_are_written_atomically(tmp_path):
     assert not ckpt.folder.exists()
 
 
-def test_sigterm_stops_finetune_cleanly_and_keeps_the_checkpoint(prepared, tmp_path):
-    """SIGTERM (what schedulers and `kill` send) unwinds the stage: no output or temporary folder
-    is left, the MLflow run is marked failed, and the checkpoint stays for a resume."""
-    import signal
-    import sqlite3
-    import subprocess
+def _long_finetune(prepared, tmp_path) -> tuple[list[str], Path]:
+    """A finetune stage command that trains for minutes, checkpointing every 5 steps."""
     import sys
-    import time
     from pathlib import Path
 
     import yaml
@@ -232,19 +228,94 @@ def test_sigterm_stops_finetune_cleanly_and_keeps_the_checkpoint(prepared, tmp_p
     out = tmp_path / "models" / "full"
     cmd = [sys.executable, "-m", "stages.finetune", "--params", str(tmp_path / "params.yaml")]
     cmd += ["--data", str(prepared), "--out", str(out), "--metrics", str(tmp_path / "m.json")]
-    env = stage_env()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cmd, out
+
+
+def _wait_for_checkpoint(proc, out) -> Path:
+    import time
+
     state = out.parent / ".full.ckpt" / STATE_FILE
     deadline = time.time() + 300
     while not state.exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    return state
+
+
+# SIGINT takes the same handler; the catalogue sends it to a stage in process ("ctrl-c during the stage").
+@pytest.mark.parametrize("signame", ["SIGTERM"])
+def test_a_signal_stops_finetune_cleanly_and_keeps_the_checkpoint(prepared, tmp_path, signame):
+    """SIGTERM (what schedulers and `kill` send) and SIGINT (Ctrl-C) unwind the stage: one line,
+    no output or temporary folder left, the MLflow runs marked failed, the checkpoint kept for a
+    resume."""
+    import signal
+    import sqlite3
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd, out = _long_finetune(prepared, tmp_path)
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    state = _wait_for_checkpoint(proc, out)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert "error: stopped by signal SIGTERM before the stage completed" in err
+    assert f"error: stopped by signal {signame} before the stage completed" in err, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert not out.exists() and not (tmp_path / "m.json").exists()
     assert not list(out.parent.glob(".full.tmp-*"))
     assert torch.load(state, weights_only=True)["step"] % 5 == 0
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
-        assert db.execute("SELECT status FROM runs").fetchall() == [("FAILED",)]
+        # The pipeline's parent run and the stage's child run.
+        assert db.execute("SELECT status FROM runs").fetchall() == [("FAILED",), ("FAILED",)]
+
+
+def test_a_stage_stops_when_its_dvc_dies(prepared, tmp_path):
+    """SIGTERM to `dvc` (a CI timeout) ends dvc, not the shell's child it started: the stage sees
+    its dvc gone and stops, instead of writing its outputs later behind DVC's back."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd, out = _long_finetune(prepared, tmp_path)
+    # A stand-in for dvc: a process named dvc that runs the stage through a shell, as DVC does.
+    fake = tmp_path / "bin" / "dvc"
+    fake.parent.mkdir()
+    fake.write_text(
+        f"#!{sys.executable}\nimport subprocess, sys\n"
+        f"sys.exit(subprocess.call(['/bin/sh', '-c', {shlex.join(cmd)!r}], cwd={str(root)!r}))\n"
+    )
+    fake.chmod(0o755)
+    env = {**stage_env(), "DVC_STAGE": "finetune"}
+    dvc = subprocess.Popen([str(fake)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(dvc, out)
+    (stage_pid,) = _stage_pids(str(out))
+    dvc.send_signal(signal.SIGKILL)
+    dvc.wait(timeout=30)
+    # It notices within a second; unwinding can take long on a loaded machine.
+    deadline = time.time() + 120
+    while (
+        Path(f"/proc/{stage_pid}").exists() and Path(f"/proc/{stage_pid}/stat").read_text().split()[2] != "Z"
+    ):
+        assert time.time() < deadline, "the stage outlived its dvc by two minutes"
+        time.sleep(0.2)
+    assert not out.exists() and not list(out.parent.glob(".full.tmp-*"))
+
+
+def _stage_pids(text: str) -> list[int]:
+    """Python processes running a stage module with ``text`` among their arguments."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and argv[1:2] == ["-m"] and argv[2].startswith("stages.") and text in argv:
+            found.append(int(proc.name))
+    return found

