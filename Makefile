@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations benchmark benchmark-meo mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines benchmark benchmark-meo mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -43,6 +43,11 @@ repro-meo:
 # ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.
 ablations: repro
 	$(PY) -m scripts.ablations $(ARGS)
+
+# Every method of baselines.yaml (pruning, task-specific pruning, averaging, ZipIt, REPAIR, Git
+# Re-basin, REAP, HC-SMoE, M-SMoE, MC-SMoE) x seed at M-SMoE's budget; resumable like ablations.
+baselines: repro
+	$(PY) -m scripts.ablations --spec baselines.yaml $(ARGS)
 
 # switch-base-32-size random models on this machine: merge cost, speed, memory, size (15-20 min, 16 GB RAM).
 benchmark:

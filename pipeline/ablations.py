@@ -58,6 +58,7 @@ class AblationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["ablations"] = "ablations"
     seed_key: str = "merge_seed"
     seeds: list[int] = Field(min_length=1)
     common: dict[str, Any] = Field(default_factory=dict)
@@ -86,12 +87,20 @@ class AblationSpec(BaseModel):
 
 
 def load_spec(path: str | Path) -> AblationSpec:
-    """Read and validate an ablation spec file; errors name the file and the offending field."""
+    """Read and validate a study spec file (``kind: ablations``, the default, or ``baselines``);
+    errors name the file and the offending field."""
+    from pipeline.baselines import BaselineSpec
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ablation spec {path} not found")
+    raw = yaml.safe_load(path.read_text())
+    kinds = {"ablations": AblationSpec, "baselines": BaselineSpec}
+    kind = raw.get("kind", "ablations") if isinstance(raw, dict) else "ablations"
+    if kind not in kinds:
+        raise ValueError(f"{path}: unknown kind {kind!r}; valid: {', '.join(kinds)}")
     try:
-        return AblationSpec.model_validate(yaml.safe_load(path.read_text()))
+        return kinds[kind].model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
@@ -233,7 +242,7 @@ def _cell(stats: dict | None) -> str:
     return f"{100 * stats['mean']:.2f}{spread}"
 
 
-def _pts(x: float) -> str:
+def fmt_points(x: float) -> str:
     # Rounding a tiny negative to "-0.00" would suggest a direction the number does not have.
     text = f"{100 * x:+.2f}"
     return "+0.00" if text == "-0.00" else text
@@ -265,7 +274,7 @@ def _compare(row: dict, ref: dict, key: str, paper: str | None) -> tuple[str, st
     ci = (row.get("delta") or {}).get(key)
     if ci and "error" not in ci:
         low, high = ci["ci_seeds_examples"]
-        cell = f"{_pts(ci['diff'])} [{_pts(low)}, {_pts(high)}]"
+        cell = f"{fmt_points(ci['diff'])} [{fmt_points(low)}, {fmt_points(high)}]"
         if not paper:
             return cell, "-"
         if low <= 0 <= high:
@@ -276,7 +285,7 @@ def _compare(row: dict, ref: dict, key: str, paper: str | None) -> tuple[str, st
     # Results from before evaluate wrote per-example predictions: compare the seed means, and call
     # a difference no larger than either seed spread "within spread".
     d = mine["mean"] - theirs["mean"]
-    cell = f"{_pts(d)} (no CI)"
+    cell = f"{fmt_points(d)} (no CI)"
     if not paper:
         return cell, "-"
     if abs(d) <= max(theirs["std"], mine["std"]):
@@ -306,7 +315,7 @@ def markdown_table(spec: AblationSpec, summary: dict[str, dict], reference: str 
     ]
     for v in spec.variants:
         s = summary[v.name]
-        sets = ", ".join(f"`{k}={_fmt(val)}`" for k, val in v.set.items()) or "(default)"
+        sets = ", ".join(f"`{k}={fmt_value(val)}`" for k, val in v.set.items()) or "(default)"
         cells, verdicts = [], []
         for key in COMPARED:
             cell, verdict = _compare(s, ref, key, v.paper) if v.name != reference else ("-", "-")
@@ -326,7 +335,7 @@ def markdown_table(spec: AblationSpec, summary: dict[str, dict], reference: str 
     return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:g}"
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

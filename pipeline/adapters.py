@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.moe import LowRankSparseLinear, dispatch_by_group, linear_from_structure, linear_weight
+from pipeline.moe import (
+    LowRankSparseLinear,
+    dispatch_by_group,
+    linear_bias,
+    linear_from_structure,
+    linear_weight,
+)
 from pipeline.registry import Registry
 
 
@@ -37,6 +43,9 @@ class MoEAdapter:
     model_type: str
     #: Expert tensors and the axis of each that indexes the expert's hidden neurons (None: none).
     neuron_axes: dict[str, int | None]
+    #: Per input-side matrix whose rows compute the hidden neurons' pre-activations, the name of
+    #: its bias in expert weight dicts (REPAIR sets it). Empty: merged experts cannot carry one.
+    preactivation_biases: dict[str, str] = {}
     #: Causal LMs predict token t+1 at position t; encoder-decoders align logits with labels.
     shift_labels: bool = False
     #: The model's logits are class scores (``[B, 1, classes]``), not a vocabulary to rank targets in.
@@ -95,6 +104,13 @@ class MoEAdapter:
         """Hidden-neuron activations ``[T, F]`` of expert ``idx`` on layer inputs ``x`` ``[T, H]``."""
         raise NotImplementedError
 
+    def expert_output(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``idx``'s output ``[T, H]`` on layer inputs ``x`` ``[T, H]`` (before any gate weight)."""
+        raise ModelStructureError(
+            f"model family {getattr(self, 'model_type', type(self).__name__)!r} cannot run a single "
+            "expert on given inputs, so it has no per-expert output statistics (profile.expert_outputs)"
+        )
+
     def replace_with_merged(
         self,
         model: nn.Module,
@@ -117,6 +133,11 @@ class MoEAdapter:
     def set_router(self, layer: SparseLayer, plan, mode: str) -> None:
         """Rebuild a merged layer's router from its original rows by a :class:`RouterPlan`."""
         raise NotImplementedError
+
+    def mask_router(self, layer: SparseLayer, dead: torch.Tensor):
+        """Make the router never choose the experts flagged in ``dead`` [N] (their logits -inf,
+        added before the choice); returns a handle whose ``remove()`` undoes it."""
+        raise ModelStructureError(f"{self.model_type}: masking router outputs is not supported")
 
     def stock_config_overrides(self, model: nn.Module) -> dict | None:
         """Config values under which stock ``transformers`` loads the model as saved (fewer experts,
@@ -178,11 +199,13 @@ def module_param_counts(module: nn.Module) -> dict[str, int]:
     for m in module.modules():
         if isinstance(m, LowRankSparseLinear):
             s_kept = m.s_kept_entries()
-            kept += m.u.numel() + m.v.numel() + s_kept
-            dense += m.in_features * m.out_features
+            bias = m.bias.numel() if m.bias is not None else 0
+            kept += m.u.numel() + m.v.numel() + s_kept + bias
+            dense += m.in_features * m.out_features + bias
         elif isinstance(m, nn.Linear):
-            kept += m.weight.numel()
-            dense += m.weight.numel()
+            bias = m.bias.numel() if m.bias is not None else 0
+            kept += m.weight.numel() + bias
+            dense += m.weight.numel() + bias
     return {"present": present, "kept": kept, "dense": dense}
 
 
@@ -299,9 +322,26 @@ class MergedSwitchSparseMLP(nn.Module):
         return out.reshape(b, s, h)
 
 
+def _linear_structure(lin: nn.Module) -> dict | None:
+    """A projection's structure entry: low-rank+sparse ones, and dense ones with a bias (REPAIR);
+    None for a plain bias-free linear layer (the loader's default)."""
+    if hasattr(lin, "structure"):
+        return lin.structure()
+    if isinstance(lin, nn.Linear) and lin.bias is not None:
+        return {
+            "type": "linear",
+            "in_features": lin.in_features,
+            "out_features": lin.out_features,
+            "bias": True,
+        }
+    return None
+
+
 class SwitchAdapter(MoEAdapter):
     model_type = "switch_transformers"
-    neuron_axes = {"wi": 0, "wo": 1}
+    # ``wi_bias``: only merged experts after REPAIR have one.
+    neuron_axes = {"wi": 0, "wo": 1, "wi_bias": 0}
+    preactivation_biases = {"wi": "wi_bias"}
 
     def model_class(self) -> type:
         from transformers import SwitchTransformersForConditionalGeneration
@@ -362,7 +402,10 @@ class SwitchAdapter(MoEAdapter):
 
     def expert_weights(self, layer: SparseLayer, idx: int) -> dict[str, torch.Tensor]:
         e = layer.module.experts[f"expert_{idx}"]
-        return {"wi": linear_weight(e.wi).detach(), "wo": linear_weight(e.wo).detach()}
+        out = {"wi": linear_weight(e.wi).detach(), "wo": linear_weight(e.wo).detach()}
+        if linear_bias(e.wi) is not None:
+            out["wi_bias"] = linear_bias(e.wi).detach()
+        return out
 
     def expert_parameters(self, layer: SparseLayer, idx: int) -> dict[str, nn.Parameter]:
         e = layer.module.experts[f"expert_{idx}"]
@@ -372,11 +415,20 @@ class SwitchAdapter(MoEAdapter):
         e = layer.module.experts[f"expert_{idx}"]
         return e.act(e.wi(x.to(next(e.parameters()).dtype)))
 
+    def expert_output(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
+        # Stock and merged layers both key their experts expert_{i} and compute wo(act(wi(x))).
+        e = layer.module.experts[f"expert_{idx}"]
+        return e(x.to(next(e.parameters()).dtype))
+
     def set_expert_weights(self, layer: SparseLayer, idx: int, weights: dict[str, torch.Tensor]) -> None:
         e = layer.module.experts[f"expert_{idx}"]
+        if "wi_bias" in weights and linear_bias(e.wi) is None:
+            raise ModelStructureError(f"{layer.name}: expert {idx} has no wi bias to set")
         with torch.no_grad():
             for k in ("wi", "wo"):
                 getattr(e, k).weight.copy_(weights[k])
+            if "wi_bias" in weights:
+                e.wi.bias.copy_(weights["wi_bias"])
 
     def _act_and_dropout(self, model_or_layer) -> tuple[nn.Module, float]:
         e = next(iter(model_or_layer.experts.values()))
@@ -393,11 +445,13 @@ class SwitchAdapter(MoEAdapter):
         act, p = self._act_and_dropout(layer.module)
         experts = nn.ModuleDict()
         for g, w in enumerate(merged):
-            wi = nn.Linear(w["wi"].shape[1], w["wi"].shape[0], bias=False)
+            wi = nn.Linear(w["wi"].shape[1], w["wi"].shape[0], bias="wi_bias" in w)
             wo = nn.Linear(w["wo"].shape[1], w["wo"].shape[0], bias=False)
             with torch.no_grad():
                 wi.weight.copy_(w["wi"])
                 wo.weight.copy_(w["wo"])
+                if "wi_bias" in w:
+                    wi.bias.copy_(w["wi_bias"])
             experts[f"expert_{g}"] = SwitchExpert(wi, wo, act, p)
         ref = next(layer.module.parameters())
         new = MergedSwitchSparseMLP(
@@ -452,6 +506,16 @@ class SwitchAdapter(MoEAdapter):
         router.num_experts = n_rows
         return router
 
+    def mask_router(self, layer: SparseLayer, dead: torch.Tensor):
+        # Switch routers (stock and ours) compute their choice from `classifier`'s logits.
+        classifier = layer.module.router.classifier
+        dead = dead.to(classifier.weight.device)
+
+        def hook(_mod, _inputs, logits):
+            return logits.masked_fill(dead, float("-inf")) if dead.any() else logits
+
+        return classifier.register_forward_hook(hook)
+
     def set_router(self, layer: SparseLayer, plan, mode: str) -> None:
         m = layer.module
         m.router = self._build_router(m.router, plan.rows, plan.row_group, plan.logsumexp)
@@ -470,6 +534,8 @@ class SwitchAdapter(MoEAdapter):
                     and all(
                         isinstance(getattr(e, k), nn.Linear) for e in m.experts.values() for k in ("wi", "wo")
                     )
+                    # Stock Switch experts have no bias: a REPAIRed layer is not a plain one.
+                    and all(e.wi.bias is None for e in m.experts.values())
                     and list(m.experts) == [f"expert_{g}" for g in range(len(m.experts))]
                 )
                 if not plain:
@@ -486,7 +552,7 @@ class SwitchAdapter(MoEAdapter):
             for k in ("wi", "wo"):
                 lin = getattr(e, k)
                 if not isinstance(lin, LowRankSparseLinear):
-                    setattr(e, k, LowRankSparseLinear.from_weight(lin.weight, rank))
+                    setattr(e, k, LowRankSparseLinear.from_weight(lin.weight, rank, lin.bias))
 
     def forward_with_router_losses(self, model: nn.Module, **inputs):
         from transformers.models.switch_transformers import modeling_switch_transformers as stock
@@ -528,7 +594,9 @@ class SwitchAdapter(MoEAdapter):
             experts = {}
             for name, e in m.experts.items():
                 experts[name] = {
-                    k: getattr(e, k).structure() for k in ("wi", "wo") if hasattr(getattr(e, k), "structure")
+                    k: _linear_structure(getattr(e, k))
+                    for k in ("wi", "wo")
+                    if _linear_structure(getattr(e, k)) is not None
                 }
             router = {"mode": m.router_mode, "rows": m.router.classifier.out_features}
             if isinstance(m.router, LogSumExpGroupRouter):

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.adapters import ADAPTERS, ModelStructureError, MoEAdapter, SparseLayer, set_submodule
-from pipeline.moe import LowRankSparseLinear, dispatch_by_group, linear_from_structure, linear_weight
+from pipeline.moe import (
+    LowRankSparseLinear,
+    dispatch_by_group,
+    linear_bias,
+    linear_from_structure,
+    linear_weight,
+)
 
 MATRICES = ("gate", "up", "down")
 
@@ -73,14 +79,18 @@ class MergedFusedExperts(_MergedExperts):
         expert_map: torch.Tensor,
         dominant: torch.Tensor,
         router_mode: str = "remap",
+        bias: bool = False,
     ) -> None:
         super().__init__(expert_map, dominant, router_mode, act)
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, intermediate))
+        # Gate and up biases ``[E, 2I]``: only REPAIRed merged experts have them (stock ones do not).
+        self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate)) if bias else None
 
     def _expert(self, g: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[g]).chunk(2, dim=-1)
+        b = None if self.gate_up_bias is None else self.gate_up_bias[g]
+        gate, up = F.linear(x, self.gate_up_proj[g], b).chunk(2, dim=-1)
         return F.linear(self.act_fn(gate) * up, self.down_proj[g])
 
     def expert_fns(self) -> list:
@@ -151,7 +161,9 @@ def _balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 class TopKMoEAdapter(MoEAdapter):
     """Shared logic of decoder families with a top-k router and fused SwiGLU experts."""
 
-    neuron_axes = {"gate": 0, "up": 0, "down": 1}
+    # ``gate_bias``/``up_bias``: only merged experts after REPAIR have them.
+    neuron_axes = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0}
+    preactivation_biases = {"gate": "gate_bias", "up": "up_bias"}
     shift_labels = True
     #: Where the family lives in transformers, and its class names.
     module: str
@@ -221,15 +233,24 @@ class TopKMoEAdapter(MoEAdapter):
         if isinstance(ex, MergedModularExperts):
             return super().expert_param_counts(layer)
         n = ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
+        if getattr(ex, "gate_up_bias", None) is not None:
+            n += ex.gate_up_bias[0].numel()
         return [{"present": n, "kept": n, "dense": n} for _ in range(self.num_experts(layer))]
 
     def expert_weights(self, layer: SparseLayer, idx: int) -> dict[str, torch.Tensor]:
         ex = layer.module.experts
         if isinstance(ex, MergedModularExperts):
             e = ex.experts[idx]
-            return {k: linear_weight(getattr(e, k)).detach() for k in MATRICES}
+            out = {k: linear_weight(getattr(e, k)).detach() for k in MATRICES}
+            for k in ("gate", "up"):
+                if linear_bias(getattr(e, k)) is not None:
+                    out[f"{k}_bias"] = linear_bias(getattr(e, k)).detach()
+            return out
         gate, up = ex.gate_up_proj[idx].detach().chunk(2, dim=0)
-        return {"gate": gate, "up": up, "down": ex.down_proj[idx].detach()}
+        out = {"gate": gate, "up": up, "down": ex.down_proj[idx].detach()}
+        if getattr(ex, "gate_up_bias", None) is not None:
+            out["gate_bias"], out["up_bias"] = ex.gate_up_bias[idx].detach().chunk(2, dim=0)
+        return out
 
     def set_expert_weights(self, layer: SparseLayer, idx: int, weights: dict[str, torch.Tensor]) -> None:
         ex = layer.module.experts
@@ -237,9 +258,14 @@ class TopKMoEAdapter(MoEAdapter):
             if isinstance(ex, MergedModularExperts):
                 for k in MATRICES:
                     getattr(ex.experts[idx], k).weight.copy_(weights[k])
+                for k in ("gate", "up"):
+                    if f"{k}_bias" in weights:
+                        getattr(ex.experts[idx], k).bias.copy_(weights[f"{k}_bias"])
             else:
                 ex.gate_up_proj[idx].copy_(torch.cat([weights["gate"], weights["up"]], dim=0))
                 ex.down_proj[idx].copy_(weights["down"])
+                if "gate_bias" in weights:
+                    ex.gate_up_bias[idx].copy_(torch.cat([weights["gate_bias"], weights["up_bias"]], dim=0))
 
     def expert_gradients(self, layer: SparseLayer, idx: int) -> dict[str, torch.Tensor]:
         ex = layer.module.experts
@@ -260,7 +286,18 @@ class TopKMoEAdapter(MoEAdapter):
     def expert_activations(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
         w = self.expert_weights(layer, idx)
         x = x.to(w["gate"].dtype)
-        return layer.module.experts.act_fn(x @ w["gate"].T) * (x @ w["up"].T)
+        gate, up = F.linear(x, w["gate"], w.get("gate_bias")), F.linear(x, w["up"], w.get("up_bias"))
+        return layer.module.experts.act_fn(gate) * up
+
+    def expert_output(self, layer: SparseLayer, idx: int, x: torch.Tensor) -> torch.Tensor:
+        ex = layer.module.experts
+        if isinstance(ex, _MergedExperts):
+            # Merged experts may be low-rank + sparse modules: run the layer's own callable.
+            ref = next(ex.parameters())
+            return ex.expert_fns()[idx](x.to(ref.dtype))
+        x = x.to(ex.gate_up_proj.dtype)
+        gate, up = F.linear(x, ex.gate_up_proj[idx]).chunk(2, dim=-1)
+        return F.linear(ex.act_fn(gate) * up, ex.down_proj[idx])
 
     def replace_with_merged(
         self,
@@ -272,6 +309,7 @@ class TopKMoEAdapter(MoEAdapter):
     ) -> None:
         old = layer.module.experts
         inter, hidden = merged[0]["gate"].shape
+        bias = "gate_bias" in merged[0]
         new = MergedFusedExperts(
             len(merged),
             hidden,
@@ -279,6 +317,7 @@ class TopKMoEAdapter(MoEAdapter):
             old.act_fn,
             torch.tensor(expert_map),
             torch.tensor(dominant if dominant is not None else list(range(len(merged)))),
+            bias=bias,
         )
         ref = old.gate_up_proj if hasattr(old, "gate_up_proj") else next(old.parameters())
         new = new.to(ref.device, ref.dtype)
@@ -286,6 +325,8 @@ class TopKMoEAdapter(MoEAdapter):
             for g, w in enumerate(merged):
                 new.gate_up_proj[g].copy_(torch.cat([w["gate"], w["up"]], dim=0))
                 new.down_proj[g].copy_(w["down"])
+                if bias:
+                    new.gate_up_bias[g].copy_(torch.cat([w["gate_bias"], w["up_bias"]], dim=0))
         new.train(old.training)
         layer.module.experts = new
 
@@ -298,6 +339,24 @@ class TopKMoEAdapter(MoEAdapter):
             "expert_map": ex.expert_map.tolist(),
             "dominant": ex.dominant.tolist(),
         }
+
+    def mask_router(self, layer: SparseLayer, dead: torch.Tensor):
+        gate = layer.module.gate
+        normalise = self.normalises_top_k(gate)
+
+        # The stock router picks its top-k inside forward: redo the choice from masked logits,
+        # with the family's softmax-then-top-k rule (and renormalisation where it has one).
+        def hook(_mod, _inputs, output):
+            logits, scores, _ = output
+            if not dead.any():
+                return output
+            masked = logits.float().masked_fill(dead.to(logits.device), float("-inf"))
+            top, idx = torch.topk(masked.softmax(-1), min(gate.top_k, int((~dead).sum())), dim=-1)
+            if normalise:
+                top = top / top.sum(-1, keepdim=True)
+            return masked.to(logits.dtype), top.to(scores.dtype), idx
+
+        return gate.register_forward_hook(hook)
 
     def set_router(self, layer: SparseLayer, plan, mode: str) -> None:
         block, ex = layer.module, layer.module.experts
@@ -329,6 +388,8 @@ class TopKMoEAdapter(MoEAdapter):
             if isinstance(ex, _MergedExperts):
                 plain = (
                     isinstance(ex, MergedFusedExperts)
+                    # Stock experts have no bias: a REPAIRed layer is not a plain one.
+                    and ex.gate_up_bias is None
                     and ex.router_mode == "prune"
                     and ex.expert_map.tolist() == list(range(ex.num_experts))
                 )
@@ -350,7 +411,7 @@ class TopKMoEAdapter(MoEAdapter):
             experts = []
             for g in range(ex.num_experts):
                 w = self.expert_weights(layer, g)
-                parts = {k: LowRankSparseLinear.from_weight(w[k], rank) for k in MATRICES}
+                parts = {k: LowRankSparseLinear.from_weight(w[k], rank, w.get(f"{k}_bias")) for k in MATRICES}
                 experts.append(SwiGLUExpert(parts["gate"], parts["up"], parts["down"], ex.act_fn))
             new = MergedModularExperts(
                 experts, ex.act_fn, ex.expert_map.clone(), ex.dominant.clone(), ex.router_mode
@@ -362,7 +423,7 @@ class TopKMoEAdapter(MoEAdapter):
             for k in MATRICES:
                 lin = getattr(e, k)
                 if not isinstance(lin, LowRankSparseLinear):
-                    setattr(e, k, LowRankSparseLinear.from_weight(lin.weight, rank))
+                    setattr(e, k, LowRankSparseLinear.from_weight(lin.weight, rank, lin.bias))
 
     def forward_with_router_losses(self, model: nn.Module, **inputs):
         layers = self.sparse_layers(model)
@@ -393,6 +454,8 @@ class TopKMoEAdapter(MoEAdapter):
                 router["normalise"] = gate.normalise
             if isinstance(ex, MergedFusedExperts):
                 experts = {"type": "fused", "count": ex.num_experts, "intermediate": ex.intermediate_dim}
+                if ex.gate_up_bias is not None:  # recorded only when present (REPAIR)
+                    experts["bias"] = True
             else:
                 experts = {
                     "type": "modules",
@@ -404,6 +467,7 @@ class TopKMoEAdapter(MoEAdapter):
                                 "type": "linear",
                                 "in": getattr(e, k).in_features,
                                 "out": getattr(e, k).out_features,
+                                **({"bias": True} if getattr(e, k).bias is not None else {}),
                             }
                             for k in MATRICES
                         }
@@ -440,13 +504,20 @@ class TopKMoEAdapter(MoEAdapter):
             e = spec["experts"]
             if e["type"] == "fused":
                 block.experts = MergedFusedExperts(
-                    e["count"], hidden, e["intermediate"], act, emap, dom, r["mode"]
+                    e["count"],
+                    hidden,
+                    e["intermediate"],
+                    act,
+                    emap,
+                    dom,
+                    r["mode"],
+                    bias=e.get("bias", False),
                 )
             elif e["type"] == "modules":
                 experts = []
                 for parts in e["modules"]:
                     mods = {
-                        k: nn.Linear(p["in"], p["out"], bias=False)
+                        k: nn.Linear(p["in"], p["out"], bias=p.get("bias", False))
                         if p["type"] == "linear"
                         else linear_from_structure(p)
                         for k, p in parts.items()

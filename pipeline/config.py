@@ -269,6 +269,9 @@ class ProfileParams(_Section):
     max_inputs: int = Field(1024, ge=1)
     # Also collect per-expert gradients and Fisher diagonals (needed by expert-gradient and fisher).
     gradients: bool = False
+    # Also run every expert on every profiled token: each expert's mean output (HC-SMoE) and its
+    # gate-weighted output norm over its own tokens (REAP). Costs one expert pass per expert.
+    expert_outputs: bool = False
 
 
 class AlignParams(_Section):
@@ -299,6 +302,17 @@ class GroupParams(_Section):
     # An expert that received no profiled token may be dominant (false, as the authors: only when
     # its layer has nothing else, so budget left over stays unspent).
     dominant_unused: bool = False
+    # Who leads each group within the budget: m-smoe (usage frequency, the paper) | reap | hc-smoe
+    # | task-specific (no groups: KD prunes progressively to the budget, kd.prune).
+    method: str = "m-smoe"
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from pipeline.grouping import GROUPING_METHODS
+
+        GROUPING_METHODS.get(v)
+        return v
 
     @field_validator("similarity")
     @classmethod
@@ -322,6 +336,17 @@ class MergeParams(_Section):
     # What the final merged models' routers become (see pipeline.routing); merge itself always
     # leaves the lossless remap form, from which evaluate measures every mode.
     router: str = "remap"
+    # After merging: none | repair (REPAIR: each merged neuron's pre-activation mean and std on the
+    # profiled inputs reset to its members' average).
+    repair: str = "none"
+
+    @field_validator("repair")
+    @classmethod
+    def _known_repair(cls, v: str) -> str:
+        from pipeline.merging import REPAIRS
+
+        REPAIRS.get(v)
+        return v
 
     @field_validator("strategy")
     @classmethod
@@ -401,6 +426,26 @@ class CompressParams(_Section):
         return self
 
 
+class KDPruneParams(_Section):
+    """Task-specific expert pruning during KD (Chen et al. 2022, arXiv 2206.00277)."""
+
+    # none | task-specific (the M-SMoE student's experts are pruned to the group budget while it trains)
+    method: str = "none"
+    ema_beta: float = Field(0.6, ge=0, lt=1)  # usage EMA: ema = beta * ema + (1 - beta) * usage
+    ema_every: int = Field(4, ge=1)  # steps between usage measurements
+    # An expert whose share of the alive experts' usage is below threshold x their mean is pruned.
+    threshold: float = Field(0.1, gt=0, lt=1)
+    times: int = Field(4, ge=1)  # pruning events, evenly spaced over the first half of training
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.expert_pruning import KD_PRUNERS
+
+        KD_PRUNERS.get(v)
+        return v
+
+
 class KDParams(_Section):
     alpha: float = Field(0.2, ge=0)
     temperature: float = Field(2.0, gt=0)
@@ -412,6 +457,7 @@ class KDParams(_Section):
     train: TrainParams = TrainParams(
         epochs=1, lr=5e-4, warmup_steps=50, router_z_loss_coef=0.0, router_aux_loss_coef=0.0
     )
+    prune: KDPruneParams = KDPruneParams()
 
     @field_validator("loss")
     @classmethod
@@ -574,8 +620,31 @@ class Params(_Section):
                     raise ValueError(
                         f"{key}={value} needs gradients from profiling: set profile.gradients: true"
                     )
+        self._check_methods()
         self._check_expert_shapes()
         return self
+
+    def _check_methods(self) -> None:
+        """Combinations of grouping, merging and KD pruning that need each other."""
+        if self.group.method in ("reap", "hc-smoe") and not self.profile.expert_outputs:
+            raise ValueError(
+                f"group.method={self.group.method} scores experts by their outputs: set profile.expert_outputs: true"
+            )
+        progressive = self.kd.prune.method != "none"
+        if progressive != (self.group.method == "task-specific"):
+            raise ValueError(
+                "task-specific expert pruning needs both group.method: task-specific (no merging, the "
+                "budget recorded) and kd.prune.method: task-specific (KD prunes to it); got "
+                f"group.method={self.group.method}, kd.prune.method={self.kd.prune.method}"
+            )
+        if progressive and self.zero_shot:
+            raise ValueError(
+                "kd.prune.method=task-specific prunes while training; zero_shot: true trains nothing"
+            )
+        if progressive and self.merge.router != "prune":
+            raise ValueError(
+                "kd.prune.method=task-specific drops the pruned experts and their router rows: set merge.router: prune"
+            )
 
     def _check_expert_shapes(self) -> None:
         """group.num_experts_avg and compress.rank against the experts the model has or will have."""

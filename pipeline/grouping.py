@@ -1,13 +1,20 @@
-"""Grouping experts: dominant experts chosen globally by usage, the rest join their most similar one."""
+"""Grouping experts: a budget of groups per layer, chosen globally by usage, filled by a method.
+
+``m-smoe`` (the paper): the most used experts lead and every other expert joins its most similar
+leader. Baselines of the same budget: ``reap`` (leaders by REAP saliency), ``hc-smoe`` (hierarchical
+clustering of expert outputs) and ``task-specific`` (no groups; KD prunes to the budget).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.clustering import first_merges_labels
 from pipeline.registry import Registry
 
 
@@ -25,6 +32,11 @@ class LayerData:
     feature_abs_mean: torch.Tensor | None = None  # [N, H]
     feature_norm: torch.Tensor | None = None  # [N, H]
     gradients: dict[str, torch.Tensor] | None = None  # "expert::matrix" -> summed gradient
+    # Usage share per expert [N]; group_experts fills it from its ``frequencies`` when None.
+    frequency: torch.Tensor | None = None
+    # From a profile with expert outputs (profile.expert_outputs: true).
+    output_mean: torch.Tensor | None = None  # [N, H] mean output over all the layer's tokens
+    reap_score: torch.Tensor | None = None  # [N] REAP saliency
 
     def need(self, field: str, similarity: str, how: str) -> torch.Tensor | dict:
         value = getattr(self, field)
@@ -214,6 +226,109 @@ def merged_layer_names(layers: list[tuple[str, str]], skip_first_layer: bool, wh
     return names
 
 
+# ------------------------------------------------------------------ grouping methods
+
+#: A layer's groups (leader first) and the similarity matrix used to assign them (None: none used).
+LayerGroups = tuple[list[list[int]], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class GroupingMethod:
+    """Fills one layer's budget: ``fn(data, k, similarity) -> (groups, similarity matrix)``."""
+
+    fn: Callable[[LayerData, int, Similarity], LayerGroups]
+    # Whether the method must return exactly the layer's budget of groups (all but task-specific).
+    equal_budget: bool = True
+
+
+GROUPING_METHODS: Registry[GroupingMethod] = Registry("grouping method")
+
+
+def _method(name: str, equal_budget: bool = True):
+    def deco(fn: Callable[[LayerData, int, Similarity], LayerGroups]):
+        GROUPING_METHODS.register(name)(GroupingMethod(fn, equal_budget))
+        return fn
+
+    return deco
+
+
+def _need_expert_outputs(d: LayerData, field: str, method: str) -> torch.Tensor:
+    value = getattr(d, field)
+    if value is None:
+        raise ValueError(
+            f"group.method={method} needs profile.expert_outputs: true (the routing profile of {d.name} has no {field})"
+        )
+    return value
+
+
+def _frequency(d: LayerData) -> torch.Tensor:
+    if d.frequency is None:
+        raise ValueError(f"no usage frequency for layer {d.name}")
+    return d.frequency
+
+
+@_method("m-smoe")
+def _m_smoe(d: LayerData, k: int, sim_fn: Similarity) -> LayerGroups:
+    # The paper: the k most used experts lead.
+    sim = sim_fn(d)
+    return group_layer(_frequency(d), sim, k), sim
+
+
+@_method("reap")
+def _reap(d: LayerData, k: int, sim_fn: Similarity) -> LayerGroups:
+    # The k most salient experts lead (group_layer ranks by the score, ties to the lower index);
+    # with merge.strategy dominant and merge.router prune this is REAP's pruning.
+    score = _need_expert_outputs(d, "reap_score", "reap")
+    sim = sim_fn(d)
+    return group_layer(score, sim, k), sim
+
+
+def average_linkage_clusters(vectors: torch.Tensor, k: int) -> list[list[int]]:
+    """``k`` clusters of the rows of ``vectors`` by average-linkage (UPGMA) Euclidean clustering.
+
+    Replays the first ``N - k`` merges of scipy's linkage, so there are exactly ``k`` clusters
+    (``cut_tree`` promises the same, but by height, which ties could blur). Clusters list their
+    members in ascending order, clusters ordered by their lowest member.
+    """
+    from scipy.cluster.hierarchy import linkage
+
+    n = vectors.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut {n} experts into {k} clusters")
+    if k == n:
+        return [[e] for e in range(n)]
+    z = linkage(vectors.double().cpu().numpy(), method="average", metric="euclidean")
+    labels = first_merges_labels(z, n, k)
+    # Labels are numbered by each cluster's lowest member.
+    return [[e for e in range(n) if labels[e] == c] for c in range(k)]
+
+
+@_method("hc-smoe")
+def _hc_smoe(d: LayerData, k: int, sim_fn: Similarity) -> LayerGroups:
+    # HC-SMoE (Chen et al. 2024) clusters experts by their mean output over all calibration tokens.
+    # The authors' scripts (wazenmai/HC-SMoE scripts/{mixtral,qwen,tinyllama}/run.sh:13) pass
+    # --cluster="hirarchical", which hcsmoe/merging/clustering.py:24,28 does not recognise, so
+    # their runs fall through to k-means (:72-139, k-means++ from a random start); here the average
+    # linkage the paper and those scripts (--linkage="average", run.sh:14) name. Their feature
+    # (hcsmoe/merging/grouping_mixtral.py:383,398) averages over padding too; ours does not.
+    out = _need_expert_outputs(d, "output_mean", "hc-smoe")
+    freq = _frequency(d)
+    groups = []
+    for cluster in average_linkage_clusters(out, k):
+        # Its most used member leads (the authors' code takes the one nearest the centroid,
+        # clustering.py:131-139 and :354-359); merging by frequency then weights it most.
+        leader = max(cluster, key=lambda e: (float(freq[e]), -e))
+        groups.append([leader] + [e for e in cluster if e != leader])
+    groups.sort(key=lambda g: (-float(freq[g[0]]), g[0]))
+    return groups, None
+
+
+@_method("task-specific", equal_budget=False)
+def _task_specific(d: LayerData, k: int, sim_fn: Similarity) -> LayerGroups:
+    # Nothing merges now: KD prunes the layer to its budget while it trains (kd.prune).
+    return [[e] for e in range(len(_frequency(d)))], None
+
+
 def group_experts(
     layer_data: dict[str, LayerData],
     frequencies: dict[str, torch.Tensor],
@@ -223,25 +338,36 @@ def group_experts(
     ratio: str = "adaptive",
     norm: str = "max",
     allow_unused: bool = True,
+    method: str = "m-smoe",
 ) -> dict:
     """Groups for every SMoE layer; layers not merged keep each expert in its own group.
 
-    ``norm`` and ``allow_unused`` shape the dominant-expert budget (see :func:`dominant_budget`).
+    ``norm`` and ``allow_unused`` shape the per-layer budget (see :func:`dominant_budget`);
+    ``method`` (see GROUPING_METHODS) fills each merged layer's budget ``k`` with exactly ``k``
+    groups, recorded as the layer's ``budget``. A layer's ``frequencies`` stand in for its
+    :attr:`LayerData.frequency` when that is None.
     """
     sim_fn = SIMILARITIES.get(similarity)
+    grouping = GROUPING_METHODS.get(method)
     budget = dominant_budget(
         {n: frequencies[n] for n in merge_layers}, num_experts_avg, ratio, norm, allow_unused
     )
     layers = {}
     for name, freq in frequencies.items():
         if name in budget:
-            sim = sim_fn(layer_data[name])
-            groups = group_layer(freq, sim, budget[name])
-            layers[name] = {
-                "merged": True,
-                "groups": groups,
-                "similarity": [[round(x, 5) for x in r] for r in sim.tolist()],
-            }
+            data = layer_data[name]
+            if data.frequency is None:
+                data = dataclasses.replace(data, frequency=freq)
+            k = budget[name]
+            groups, sim = grouping.fn(data, k, sim_fn)
+            if grouping.equal_budget and len(groups) != k:
+                raise ValueError(
+                    f"group.method={method} gave layer {name} {len(groups)} groups, but its budget is {k}"
+                )
+            layers[name] = {"merged": True, "groups": groups}
+            if sim is not None:
+                layers[name]["similarity"] = [[round(x, 5) for x in r] for r in sim.tolist()]
+            layers[name]["budget"] = k
         else:
             layers[name] = {"merged": False, "groups": [[e] for e in range(len(freq))]}
     return {
@@ -252,6 +378,7 @@ def group_experts(
         "dominant_experts": sum(budget.values()),
         "budget_unspent": num_experts_avg * len(budget) - sum(budget.values()),
         "layers": layers,
+        "method": method,
     }
 
 

@@ -17,7 +17,7 @@ def _check_axis(axis: str) -> int:
 
 
 class LowRankSparseLinear(nn.Module):
-    """A bias-free linear layer stored as ``W = U V + S`` (LoSparse).
+    """A linear layer stored as ``W = U V + S`` (LoSparse), with an optional bias ``b`` (added after).
 
     ``S`` is structured along ``s_axis``: its units are columns (input features) or rows (output
     features). It is either dense with a mask over those units (while it is being pruned) or
@@ -33,6 +33,7 @@ class LowRankSparseLinear(nn.Module):
         rank: int,
         kept_units: int | None = None,
         s_axis: str = "column",
+        bias: bool = False,
     ) -> None:
         super().__init__()
         dim = _check_axis(s_axis)
@@ -49,6 +50,8 @@ class LowRankSparseLinear(nn.Module):
             shape[dim] = kept_units
             self.s = nn.Parameter(torch.zeros(*shape))
             self.register_buffer("s_index", torch.zeros(kept_units, dtype=torch.long))
+        # Only REPAIRed merged experts have one (a bias that re-centres each neuron's pre-activation).
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @property
     def compact(self) -> bool:
@@ -85,19 +88,23 @@ class LowRankSparseLinear(nn.Module):
         self.s_mask = torch.ones(self.s.shape[dim], dtype=torch.bool, device=self.s_mask.device)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, rank: int) -> LowRankSparseLinear:
-        """Initialise from a dense ``[out, in]`` weight: truncated SVD plus the exact residual."""
+    def from_weight(
+        cls, weight: torch.Tensor, rank: int, bias: torch.Tensor | None = None
+    ) -> LowRankSparseLinear:
+        """Initialise from a dense ``[out, in]`` weight (and bias): truncated SVD plus the exact residual."""
         out_f, in_f = weight.shape
         if not 0 < rank <= min(out_f, in_f):
             raise ValueError(f"rank {rank} must be in [1, {min(out_f, in_f)}] for a {out_f}x{in_f} matrix")
         w = weight.detach().float()
         u, sig, vh = torch.linalg.svd(w, full_matrices=False)
         root = sig[:rank].sqrt()
-        mod = cls(in_f, out_f, rank).to(w.device)
+        mod = cls(in_f, out_f, rank, bias=bias is not None).to(w.device)
         with torch.no_grad():
             mod.u.copy_(u[:, :rank] * root)
             mod.v.copy_(root[:, None] * vh[:rank])
             mod.s.copy_(w - mod.u @ mod.v)
+            if bias is not None:
+                mod.bias.copy_(bias.detach())
         return mod.to(weight.dtype)
 
     def sparse_weight(self) -> torch.Tensor:
@@ -112,6 +119,8 @@ class LowRankSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.v.t()) @ self.u.t()
+        if self.bias is not None:
+            y = y + self.bias
         if self.compact:
             if not self.s.numel():
                 return y
@@ -134,18 +143,25 @@ class LowRankSparseLinear(nn.Module):
             return self
         idx = self.s_mask.nonzero().flatten()
         mod = LowRankSparseLinear(
-            self.in_features, self.out_features, self.rank, kept_units=len(idx), s_axis=self.s_axis
+            self.in_features,
+            self.out_features,
+            self.rank,
+            kept_units=len(idx),
+            s_axis=self.s_axis,
+            bias=self.bias is not None,
         )
         mod = mod.to(device=self.u.device, dtype=self.u.dtype)
         mod.u.copy_(self.u)
         mod.v.copy_(self.v)
+        if self.bias is not None:
+            mod.bias.copy_(self.bias)
         mod.s.copy_(self.s.index_select(self._dim, idx))
         mod.s_index.copy_(idx)
         return mod
 
     def structure(self) -> dict:
         """What a loader needs to rebuild this module before loading its weights."""
-        return {
+        spec = {
             "type": "low_rank_sparse",
             "in_features": self.in_features,
             "out_features": self.out_features,
@@ -153,6 +169,10 @@ class LowRankSparseLinear(nn.Module):
             "axis": self.s_axis,
             "kept_units": int(self.s.shape[self._dim]) if self.compact else None,
         }
+        # Recorded only when present, so structure files of bias-free modules stay as they were.
+        if self.bias is not None:
+            spec["bias"] = True
+        return spec
 
     def extra_repr(self) -> str:
         kept = self.s.shape[self._dim] if self.compact else int(self.s_mask.sum())
@@ -163,14 +183,24 @@ class LowRankSparseLinear(nn.Module):
 
 
 def linear_from_structure(spec: dict) -> nn.Module:
-    """Rebuild an (empty) linear module from :meth:`LowRankSparseLinear.structure`-style specs."""
+    """Rebuild an (empty) linear module from :meth:`LowRankSparseLinear.structure`-style specs
+    (or ``{"type": "linear", ...}``: a dense layer recorded because it carries a bias)."""
+    if spec["type"] == "linear":
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=bool(spec.get("bias", False)))
     if spec["type"] == "low_rank_sparse":
         # Models saved before S could be pruned by rows have neither "axis" nor "kept_units".
         kept = spec["kept_units"] if "kept_units" in spec else spec.get("kept_columns")
         return LowRankSparseLinear(
-            spec["in_features"], spec["out_features"], spec["rank"], kept, spec.get("axis", "column")
+            spec["in_features"],
+            spec["out_features"],
+            spec["rank"],
+            kept,
+            spec.get("axis", "column"),
+            bias=bool(spec.get("bias", False)),
         )
-    raise ValueError(f"unknown module type {spec['type']!r} in model structure; valid: low_rank_sparse")
+    raise ValueError(
+        f"unknown module type {spec['type']!r} in model structure; valid: linear, low_rank_sparse"
+    )
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -178,6 +208,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, LowRankSparseLinear):
         return module.dense_weight()
     return module.weight
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    """The ``[out]`` bias of a dense or low-rank+sparse linear layer (None when it has none)."""
+    return getattr(module, "bias", None)
 
 
 def dispatch_by_group(

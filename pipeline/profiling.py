@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.adapters import adapter_for
+from pipeline.adapters import ModelStructureError, MoEAdapter, SparseLayer, adapter_for
 from pipeline.data import DataError, batches, read_json
 
 
@@ -31,6 +31,10 @@ class LayerProfile:
     fisher: dict[str, torch.Tensor] | None = None
     # Tokens that reached at least one expert (the rest were dropped by capacity limits).
     routed: int | None = None
+    # With ``expert_outputs`` (see :func:`profile_routing`): each expert's output summed over every
+    # profiled token, routed to it or not [N, H] (HC-SMoE), and REAP's saliency numerator [N].
+    output_sum: torch.Tensor | None = None
+    reap_sum: torch.Tensor | None = None
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -54,6 +58,16 @@ class LayerProfile:
         """Per input dimension, the L2 norm over the expert's tokens of its input features: [N, H]."""
         return None if self.feature_sq_sum is None else self.feature_sq_sum.sqrt()
 
+    @property
+    def output_mean(self) -> torch.Tensor | None:
+        """Each expert's mean output over all of the layer's profiled tokens: [N, H] (HC-SMoE)."""
+        return None if self.output_sum is None else self.output_sum / max(1, self.tokens)
+
+    @property
+    def reap_score(self) -> torch.Tensor | None:
+        """REAP saliency [N]: mean over an expert's own tokens of gate x output norm (0 if it got none)."""
+        return None if self.reap_sum is None else self.reap_sum / self.counts.clamp_min(1)
+
 
 def _tokens_mask(batch: dict) -> dict[str, torch.Tensor]:
     return {
@@ -70,6 +84,58 @@ def _forward(model: nn.Module, batch: dict):
     return model(**adapter_for(model).task_inputs(model, batch))
 
 
+# Token rows per expert call: bounds the [rows, intermediate] activations of one expert pass.
+EXPERT_CHUNK = 4096
+
+
+def expert_output_sums(
+    adapter: MoEAdapter,
+    layer: SparseLayer,
+    x: torch.Tensor,
+    dispatch: torch.Tensor,
+    logits: torch.Tensor,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert, over token rows ``x`` [T, H]: its summed output [N, H] and REAP's numerator [N].
+
+    ``dispatch`` [T, N] marks each token's selected experts, ``logits`` [T, N] are the router's.
+    Experts run one at a time on ``chunk`` rows at a time, so nothing of size experts x tokens x
+    hidden exists; only the two running sums are kept (``chunk`` defaults to ``EXPERT_CHUNK``).
+
+    REAP (Lasby et al. 2025; CerebrasResearch/reap): ``src/reap/observer.py:351,378-382`` runs every
+    expert on every token into one [E, T, H] tensor; ``src/reap/pruning_metrics.py:172-183`` takes
+    the softmax of the router logits over *all* experts and divides by the selected top-k's sum only
+    when the model's config sets ``norm_topk_prob`` (``src/reap/main.py:121-124``; so not for
+    Mixtral, whose config has no such flag); ``:187-198`` then averages, over the tokens that
+    selected expert e, ``g_e(x) * ||E_e(x)||_2``, and ``:209`` combines batches weighted by the
+    expert's token count, i.e. ``sum g ||E|| / count``. ``src/reap/prune.py:101-103`` prunes the
+    lowest scores. Here ``g`` is always renormalised over the token's selected experts (the weights
+    Mixtral and norm_topk_prob models apply; 1 for top-1 Switch, where REAP's would be the top
+    probability), a token counts for the experts it was dispatched to (after Switch's capacity
+    drop, where REAP takes the plain top-k), and the sum is divided by the count in
+    :attr:`LayerProfile.reap_score`.
+    """
+    t, n = dispatch.shape
+    chunk = chunk or EXPERT_CHUNK
+    if n != adapter.num_experts(layer):
+        raise ModelStructureError(
+            f"{layer.name}: its router has {n} outputs for {adapter.num_experts(layer)} experts; "
+            "per-expert output statistics need a layer whose router picks experts directly"
+        )
+    chosen = (dispatch > 0).float()
+    p = logits.float().softmax(-1) * chosen
+    # A token every expert dropped (capacity) has no selection and so no weight anywhere.
+    gate = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    out_sum = torch.zeros(n, x.shape[-1], device=x.device)
+    reap_sum = torch.zeros(n, device=x.device)
+    for e in range(n):
+        for start in range(0, t, chunk):
+            y = adapter.expert_output(layer, e, x[start : start + chunk]).float()
+            out_sum[e] += y.sum(0)
+            reap_sum[e] += (gate[start : start + chunk, e] * y.norm(dim=-1)).sum()
+    return out_sum, reap_sum
+
+
 @torch.no_grad()
 def profile_routing(
     model: nn.Module,
@@ -78,12 +144,15 @@ def profile_routing(
     batch_size: int,
     device: torch.device,
     max_inputs: int = 1024,
+    expert_outputs: bool = False,
 ) -> dict[str, LayerProfile]:
     """Route ``rows`` through ``model`` and record, per SMoE layer, what merging methods need.
 
     Dispatch counts (with top-k routing, every selection counts), router logits, per-expert input feature statistics and the first
     ``max_inputs`` layer inputs, in one pass. Padding tokens (source padding, target positions
-    past the label) are excluded everywhere.
+    past the label) are excluded everywhere. With ``expert_outputs``, every expert also runs on
+    every token of its layer, for ``output_sum`` (HC-SMoE) and ``reap_sum`` (REAP); see
+    :func:`expert_output_sums`.
     """
     if not rows:
         raise ValueError("no samples to profile")
@@ -101,6 +170,8 @@ def profile_routing(
             "ax": 0,
             "x2": 0,
             "inputs": [],
+            "out": None,
+            "reap": None,
         }
         for layer in layers
     }
@@ -110,7 +181,7 @@ def profile_routing(
 
         stack = "sequence" if layer.per_sequence else layer.stack
 
-        def hook(_mod, inputs, output, name=layer.name, stack=stack, n=n_out):
+        def hook(_mod, inputs, output, name=layer.name, stack=stack, n=n_out, ly=layer):
             dispatch, logits = adapter.routing_from_output(output, n)
             keep = masks[stack].reshape(-1)
             d = dispatch.reshape(-1, dispatch.shape[-1])[keep].float()
@@ -119,13 +190,22 @@ def profile_routing(
             a["counts"] += d.sum(0).cpu()
             a["tokens"] += int(keep.sum())
             a["routed"] += int((d.sum(-1) > 0).sum())
-            a["logits"].append(logits.reshape(-1, logits.shape[-1])[keep].float().cpu())
+            kept_logits = logits.reshape(-1, logits.shape[-1])[keep]
+            a["logits"].append(kept_logits.float().cpu())
             a["x"] += (d.T @ x).cpu()
             a["ax"] += (d.T @ x.abs()).cpu()
             a["x2"] += (d.T @ x.square()).cpu()
             have = sum(len(t) for t in a["inputs"])
             if have < max_inputs:
                 a["inputs"].append(x[: max_inputs - have].cpu())
+            if expert_outputs:
+                # The layer's own input rows (not the float copy): experts run in their dtype.
+                raw = inputs[0].reshape(-1, inputs[0].shape[-1])[keep]
+                out_sum, reap_sum = expert_output_sums(adapter, ly, raw, d, kept_logits)
+                # Accumulated in float64 on the CPU: many batches of float32 sums.
+                for key, val in (("out", out_sum), ("reap", reap_sum)):
+                    val = val.cpu().double()  # to the CPU first: some devices have no float64
+                    a[key] = val if a[key] is None else a[key] + val
 
         handles.append(adapter.router(layer).register_forward_hook(hook))
     try:
@@ -147,6 +227,8 @@ def profile_routing(
             a["x2"],
             torch.cat(a["inputs"]),
             routed=a["routed"],
+            output_sum=None if a["out"] is None else a["out"].float(),
+            reap_sum=None if a["reap"] is None else a["reap"].float(),
         )
         for name, a in acc.items()
     }
@@ -186,7 +268,7 @@ def profile_gradients(
         profiles[ly.name].fisher = fisher[ly.name]
 
 
-_OPTIONAL = ("feature_sum", "feature_abs_sum", "feature_sq_sum", "inputs")
+_OPTIONAL = ("feature_sum", "feature_abs_sum", "feature_sq_sum", "inputs", "output_sum", "reap_sum")
 
 
 def save_profile(profiles: dict[str, LayerProfile], folder: Path) -> None:
@@ -208,6 +290,7 @@ def save_profile(profiles: dict[str, LayerProfile], folder: Path) -> None:
             "routed": p.routed,
             "frequency": [round(x, 6) for x in p.frequency.tolist()],
             "has_gradients": p.gradients is not None,
+            "has_expert_outputs": p.output_sum is not None,
         }
         for name, p in profiles.items()
     }

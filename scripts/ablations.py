@@ -1,10 +1,12 @@
-"""Run the ablation study: every variant x seed of ablations.yaml as one `dvc exp run --temp`.
+"""Run a study: every variant x seed of a spec (ablations.yaml, baselines.yaml) as one `dvc exp run --temp`.
 
-Each run is a named DVC experiment (`abl-<variant>-s<seed>`, kept for `dvc exp show`) whose stages
-log to the repository's MLflow store. Results go to metrics/ablations.json after every run, so an
-interrupted study resumes where it stopped; the README table is rewritten at the end.
+Each run is a named DVC experiment (`abl-<variant>-s<seed>`, or `bl-...` for the baselines; kept
+for `dvc exp show`) whose stages log to the repository's MLflow store. Results go to
+metrics/<kind>.json after every run, so an interrupted study resumes where it stopped; the README
+table between `<!-- <kind>:start/end -->` is rewritten at the end.
 
-    python -m scripts.ablations                        # the whole study (make ablations)
+    python -m scripts.ablations                        # the ablation study (make ablations)
+    python -m scripts.ablations --spec baselines.yaml  # the baselines (make baselines)
     python -m scripts.ablations --variants default sim-random --seeds 1
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import baselines
 from pipeline.ablations import (
     FIDELITY,
     REPORTED,
@@ -33,7 +36,7 @@ from pipeline.ablations import (
 from pipeline.config import ParamsError
 from scripts.mlflow_sync import sync
 
-METRIC_FILES = ("evaluate", "kd_finetune", "group", "align")
+METRIC_FILES = ("evaluate", "kd_finetune", "merge", "group", "align")
 # Per-example correctness of every evaluated model, for the paired bootstrap CIs of the summary.
 # Experiments from before evaluate wrote it have none; their rows fall back to seed means.
 PREDICTIONS_FILE = "metrics/predictions.json"
@@ -43,9 +46,9 @@ def _cli() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default="ablations.yaml")
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", default="metrics/ablations.json")
+    p.add_argument("--out", default=None, help="results file (default: metrics/<kind>.json)")
     p.add_argument(
-        "--readme", default="README.md", help="file with <!-- ablations:start/end --> markers; '' to skip"
+        "--readme", default="README.md", help="file with <!-- <kind>:start/end --> markers; '' to skip"
     )
     p.add_argument("--variants", nargs="*", help="run only these variants (default: all)")
     p.add_argument("--seeds", nargs="*", type=int, help="run only these seeds (default: the spec's)")
@@ -98,15 +101,19 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _trim(predictions: dict | None) -> dict | None:
+def _reported(spec: AblationSpec) -> set[str]:
+    return spec.row_models() if isinstance(spec, baselines.BaselineSpec) else set(REPORTED)
+
+
+def _trim(predictions: dict | None, reported: set[str]) -> dict | None:
     """What the summary compares (the reported models' correctness, the merged model's KL), so
-    that metrics/ablations.json stays small."""
+    that the results file stays small."""
     if predictions is None:
         return None
     return {
         "split": predictions.get("split"),
         "n": predictions.get("n"),
-        "correct": {k: v for k, v in predictions.get("correct", {}).items() if k in REPORTED},
+        "correct": {k: v for k, v in predictions.get("correct", {}).items() if k in reported},
         "kl_to_full": {k: v for k, v in predictions.get("kl_to_full", {}).items() if k == FIDELITY},
     }
 
@@ -117,7 +124,9 @@ def _write(out: Path, spec: AblationSpec, runs: list[dict]) -> dict:
         "seeds": spec.seeds,
         "common": spec.common,
         "runs": runs,
-        "summary": summarise(spec, runs),
+        "summary": baselines.summarise(spec, runs)
+        if isinstance(spec, baselines.BaselineSpec)
+        else summarise(spec, runs),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -139,14 +148,16 @@ def main() -> None:
         variants = [spec.variant(n) for n in args.variants] if args.variants else spec.variants
     except (OSError, ValueError, ParamsError) as err:
         sys.exit(f"error: {err}")
-    if args.readme and "<!-- ablations:start -->" not in Path(args.readme).read_text():
-        sys.exit(f"error: {args.readme} has no <!-- ablations:start --> ... <!-- ablations:end --> markers")
+    kind = spec.kind
+    if args.readme and f"<!-- {kind}:start -->" not in Path(args.readme).read_text():
+        sys.exit(f"error: {args.readme} has no <!-- {kind}:start --> ... <!-- {kind}:end --> markers")
     seeds = args.seeds or spec.seeds
     unknown = sorted(set(seeds) - set(spec.seeds))
     if unknown:
         sys.exit(f"error: seeds {unknown} are not in {args.spec} (seeds: {spec.seeds})")
 
-    out = Path(args.out)
+    out = Path(args.out or f"metrics/{kind}.json")
+    prefix = {"ablations": "abl", "baselines": "bl"}[kind]
     previous = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
     # A result is reused only if it was made with exactly the overrides this spec now asks for.
     names = {v.name for v in spec.variants}
@@ -169,7 +180,7 @@ def main() -> None:
 
     with open(log_path, "a") as log:
         for i, (seed, variant) in enumerate(todo, 1):
-            name = f"abl-{variant.name}-s{seed}"
+            name = f"{prefix}-{variant.name}-s{seed}"
             overrides = spec.overrides(variant, seed)
             cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name]
             for key, value in overrides.items():
@@ -198,7 +209,7 @@ def main() -> None:
                     "accuracy": {k: v["accuracy"] for k, v in evaluation.items()},
                     "expert_params": {k: v["expert_params"] for k, v in evaluation.items()},
                     "metrics": metrics,
-                    "predictions": _trim(_show_json(ref, PREDICTIONS_FILE)),
+                    "predictions": _trim(_show_json(ref, PREDICTIONS_FILE), _reported(spec)),
                 }
             )
             _write(out, spec, runs)
@@ -212,11 +223,14 @@ def main() -> None:
     if args.dry_run:
         return
     result = _write(out, spec, runs)
-    table = markdown_table(spec, result["summary"])
+    if isinstance(spec, baselines.BaselineSpec):
+        table = baselines.markdown_table(spec, result["summary"])
+    else:
+        table = markdown_table(spec, result["summary"])
     print(table)
     if args.readme:
         readme = Path(args.readme)
-        readme.write_text(replace_block(readme.read_text(), table, "ablations"))
+        readme.write_text(replace_block(readme.read_text(), table, kind))
 
 
 if __name__ == "__main__":

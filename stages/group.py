@@ -1,4 +1,5 @@
-"""Stage group: pick dominant experts globally by usage; every other expert joins its most similar one."""
+"""Stage group: a budget of groups per layer, globally by usage; group.method fills it (m-smoe: the most
+used experts lead and every other expert joins its most similar one)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
             feature_abs_mean=profiles[ly.name].feature_abs_mean,
             feature_norm=profiles[ly.name].feature_norm,
             gradients=profiles[ly.name].gradients,
+            frequency=profiles[ly.name].frequency,
+            output_mean=profiles[ly.name].output_mean,
+            reap_score=profiles[ly.name].reap_score,
         )
         for ly in layers
         if ly.name in merge_names
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             g.ratio,
             g.frequency_norm,
             g.dominant_unused,
+            g.method,
         )
         validate_groups(groups, n_exp)
     except ValueError as err:
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             "experts_after_merged_layers": sum(merged.values()),
             "kept_fraction_merged_layers": round(sum(merged.values()) / sum(n_exp[n] for n in merged), 4),
             "experts_per_layer": {n: len(v["groups"]) for n, v in groups["layers"].items()},
+            # Experts each reduced layer keeps, whichever the method (task-specific: after KD).
+            "budget": {n: v["budget"] for n, v in groups["layers"].items() if v["merged"]},
             # Budget left unspent because only unused experts were left (group.dominant_unused).
             "budget_unspent": groups["budget_unspent"],
             "seconds": round(time.time() - t0, 2),

@@ -16,6 +16,7 @@ from pipeline.analysis import remaining_param_ratios
 from pipeline.compression import SparsePruner, finalize_compact
 from pipeline.data import load_prepared
 from pipeline.evaluation import expert_stats
+from pipeline.expert_pruning import KD_PRUNERS, TaskSpecificPruner, read_budget
 from pipeline.modeling import (
     atomic_dir,
     count_unique_params,
@@ -76,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
         teacher = load_model(args.teacher)
         sources = {"m_smoe": args.merged, "mc_smoe": args.compressed, "c_smoe": args.compressed_full}
         students = {name: load_model(folder) for name, folder in sources.items()}
-        # M-SMoE's router takes its final form before KD trains it (MC-SMoE's did in compress).
-        set_router_mode(students["m_smoe"], adapter_for(students["m_smoe"]), params.merge.router)
+        progressive = params.kd.prune.method != "none"
+        # M-SMoE's router takes its final form before KD trains it (MC-SMoE's did in compress);
+        # under task-specific pruning it keeps every row until the pruner drops the dead ones.
+        if not progressive:
+            set_router_mode(students["m_smoe"], adapter_for(students["m_smoe"]), params.merge.router)
+        budget = read_budget(args.merged) if progressive else None
         device = resolve_device(params.runtime.device)
     tok, kd, c = task.tokenizer, params.kd, params.compress
     settings = TrainSettings(**kd.train.model_dump())
@@ -93,6 +98,18 @@ def main(argv: list[str] | None = None) -> None:
         made_by = lineage(params, keys, sources[name])
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
+            if name == "m_smoe" and progressive:
+                kp = params.kd.prune
+                with stop_on_bad_input():
+                    pruner = KD_PRUNERS.get(kp.method)(
+                        student,
+                        adapter_for(student),
+                        budget,
+                        ema_beta=kp.ema_beta,
+                        ema_every=kp.ema_every,
+                        threshold=kp.threshold,
+                        times=kp.times,
+                    )
             if compressed:
                 pruner = SparsePruner(
                     student,
@@ -151,7 +168,12 @@ def main(argv: list[str] | None = None) -> None:
                 "best_step": summary["best_step"],
                 "total_steps": summary["total_steps"],
             }
-            if pruner is not None:
+            if isinstance(pruner, TaskSpecificPruner):
+                with stop_on_bad_input():
+                    pruned = pruner.finalize()
+                m["pruning_events"] = pruned["events"]
+                m["experts_kept"] = {n: len(v["kept"]) for n, v in pruned["layers"].items()}
+            elif pruner is not None:
                 m["s_kept_fraction"] = round(pruner.kept_fraction(), 4)
                 ratios = finalize_compact(student)
                 m["mean_remaining_param_ratio"] = round(sum(ratios.values()) / len(ratios), 4)

@@ -1,6 +1,10 @@
-"""Stage merge: each group of (aligned) experts becomes one expert, weighted by usage frequency.
+"""Stage merge: each group of (aligned) experts becomes one expert (``merge.strategy``: usage-weighted
+average by default; ``dominant``, ``zipit`` and the others of pipeline.merging), optionally followed
+by REPAIR (``merge.repair``).
 
-Also measures the stable rank of each dominant expert before and after merging (paper Figure 4).
+Also measures the stable rank of each dominant expert before and after merging (paper Figure 4) and,
+with REPAIR, how far merging moved the merged neurons' pre-activation mean and std from their
+members' (before and after the repair).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pipeline.adapters import adapter_for
 from pipeline.analysis import dominant_experts, expert_stable_ranks, stable_rank_change
 from pipeline.data import load_tokenizer, read_json
 from pipeline.evaluation import expert_stats
+from pipeline.expert_pruning import BUDGET_FILE
 from pipeline.grouping import validate_groups
 from pipeline.merging import merge_model
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
@@ -38,9 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         validate_groups(groups, {ly.name: adapter.num_experts(ly) for ly in adapter.sparse_layers(model)})
         tokenizer = load_tokenizer(args.model)
     with mlflow_run(params, args.params, "merge", section(params, "merge")) as run:
+        budget = {n: g["budget"] for n, g in groups["layers"].items() if g["merged"] and "budget" in g}
         dominant = dominant_experts(groups)
         before = expert_stable_ranks(model, adapter, dominant)
-        report = merge_model(model, adapter, groups, profiles, params.merge.strategy)
+        report = merge_model(model, adapter, groups, profiles, params.merge.strategy, params.merge.repair)
         # After merging, group g of a layer is its expert g, and groups list their dominant first.
         after = expert_stable_ranks(model, adapter, {n: list(range(len(d))) for n, d in dominant.items()})
         change = stable_rank_change(before, after)
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                 tmp,
                 params=lineage(params, ("profile", "group", "merge"), args.model),
                 tokenizer=tokenizer,
-                extra={"merge_report.json": report},
+                # What KD's task-specific pruning must reach (every method records its budget).
+                extra={"merge_report.json": report, BUDGET_FILE: budget},
             )
         metrics = {
             **expert_stats(model),
@@ -58,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": round(time.time() - t0, 2),
             "stable_rank": {n: {k: round(v, 4) for k, v in c.items()} for n, c in change.items()},
         }
+        # Per merged layer: mean |delta mu|, |delta sigma| and std ratio of the merged neurons'
+        # pre-activations against their members' (REPAIR's targets), before and after repair.
+        shift = {n: r["preactivation_shift"] for n, r in report.items() if "preactivation_shift" in r}
+        if shift:
+            metrics["preactivation_shift"] = shift
         if args.plot:
             plot = Path(args.plot)
             plot.parent.mkdir(parents=True, exist_ok=True)

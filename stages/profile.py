@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         params, args.params, "profile", section(params, "merge_seed", "profile", "runtime")
     ) as run:
         pp, pad = params.profile, task.tokenizer.pad_token_id
-        profiles = profile_routing(model, sample, pad, pp.batch_size, device, pp.max_inputs)
+        profiles = profile_routing(
+            model, sample, pad, pp.batch_size, device, pp.max_inputs, expert_outputs=pp.expert_outputs
+        )
         if pp.gradients:
             profile_gradients(model, sample, pad, pp.batch_size, device, profiles)
         with atomic_dir(args.out) as tmp:

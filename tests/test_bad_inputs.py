@@ -177,7 +177,7 @@ CASES = [
         "unknown method name",
         prepare.main,
         set_params(merge__strategy="ties"),
-        ("merge.strategy: unknown merge strategy 'ties'; valid choices: fisher, frequency, uniform",),
+        ("merge.strategy: unknown merge strategy 'ties'; valid choices: dominant, fisher, frequency, uniform, zipit",),
     ),
     Case(
         "unknown task",

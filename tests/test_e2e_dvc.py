@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from stages import group as group_stage
+from stages import profile as profile_stage
 from tests.conftest import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,19 +219,26 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert pruned == {name for name, g in groups.items() if g["merged"]}
 
 
-# Every registered choice of issue 3's ablations, packed into as few pipelines as the similarities
-# allow (one similarity per pipeline); the reference recipe ran in the test above.
+# Every registered choice (issue 3's ablations, issue 18's baselines), packed into as few pipelines
+# as they allow; the reference recipe ran in the test above. Methods that use a similarity (m-smoe,
+# reap) get one each; hc-smoe and task-specific use none.
 ALL_CHOICES = {
     "a": {
-        "group.similarity": "router-weight",
+        "profile.expert_outputs": True,
+        "group.method": "hc-smoe",
         "merge.strategy": "uniform",
+        "merge.repair": "repair",
         "group.ratio": "uniform",
         "align.method": "none",
         "compress.schedule": "linear",
         "compress.scope": "merged",
     },
     "b": {
+        "profile.expert_outputs": True,
+        "group.method": "reap",
         "group.similarity": "expert-weight",
+        "merge.strategy": "dominant",
+        "merge.router": "prune",
         "align.method": "activation-matching",
         "align.reference": "most-used",
         "group.layers": "encoder",
@@ -238,15 +246,22 @@ ALL_CHOICES = {
     },
     "c": {
         "group.similarity": "expert-weight-feature",
+        "merge.strategy": "zipit",
         "group.layers": "decoder",
         "group.skip_first_layer": False,
         "compress.schedule": "quadratic",
     },
-    "d": {"group.similarity": "expert-gradient", "merge.strategy": "fisher", "profile.gradients": True},
+    "d": {
+        "group.method": "task-specific",
+        "kd.prune.method": "task-specific",
+        "merge.router": "prune",
+        "merge.strategy": "fisher",
+        "profile.gradients": True,
+    },
 }
 # Similarities that change nothing but the group stage's choice: that stage runs on each of them,
-# on the pipeline's own outputs, instead of a whole experiment each (a minute apiece).
-GROUP_ONLY = ("expert-feature", "expert-feature-abs", "random")
+# on a profile of the pipeline's own model, instead of a whole experiment each (a minute apiece).
+GROUP_ONLY = ("router-weight", "expert-gradient", "expert-feature", "expert-feature-abs", "random")
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -301,20 +316,59 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
     res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and f"0 runs to do ({len(ALL_CHOICES)} reused)" in res.stdout
 
+    # The baselines reached their stages: REPAIR moved the pre-activations, REAP pruned to the
+    # budget, ZipIt zipped, task-specific pruning ended at the budget with pruned routers.
+    for name, run in runs.items():
+        budget = run["metrics"]["group"]["budget"]  # experts kept per reduced layer (3 SMoE layers of 8)
+        kept = sum(budget.values()) + 8 * (3 - len(budget))
+        assert run["metrics"]["evaluate"]["m_smoe"]["experts_total"] == kept, name
+    assert (
+        runs["d"]["metrics"]["kd_finetune"]["m_smoe"]["experts_kept"]
+        == runs["d"]["metrics"]["group"]["budget"]
+    )
+    assert runs["d"]["metrics"]["group"]["experts_per_layer"] == dict.fromkeys(
+        runs["d"]["metrics"]["group"]["experts_per_layer"], 8
+    )
+    assert set(runs["a"]["metrics"]["merge"]["preactivation_shift"]) == set(
+        runs["a"]["metrics"]["group"]["budget"]
+    )
+
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["mlflow"]["tracking_uri"] = None
+    params["profile"]["gradients"] = True
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def run_stage(main, *args: str) -> None:
+        try:
+            main(["--params", str(tmp_path / "params.yaml"), *args])
+        finally:  # a stage installs its own signal handlers
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    aligned, profile = str(repo / "models" / "aligned"), tmp_path / "profile"
+    run_stage(
+        profile_stage.main,
+        *("--data", str(repo / "data" / "prepared"), "--model", aligned, "--out", str(profile)),
+        *("--metrics", str(tmp_path / "profile.json")),
+    )
     for similarity in GROUP_ONLY:
         params["group"]["similarity"] = similarity
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         out = tmp_path / similarity
-        args = ["--params", str(tmp_path / "params.yaml"), "--model", str(repo / "models" / "aligned")]
-        args += ["--profile", str(repo / "profile"), "--out", str(out), "--metrics", str(out / "m.json")]
-        try:
-            group_stage.main(args)
-        finally:  # a stage installs its own signal handlers
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        run_stage(
+            group_stage.main,
+            *(
+                "--model",
+                aligned,
+                "--profile",
+                str(profile),
+                "--out",
+                str(out),
+                "--metrics",
+                str(out / "m.json"),
+            ),
+        )
         groups = json.loads((out / "groups.json").read_text())
         assert groups["similarity"] == similarity
         assert json.loads((out / "m.json").read_text())["merged_layers"] == 2

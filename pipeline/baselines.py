@@ -1,0 +1,212 @@
+"""The baselines study: every method of the paper's Table 2 (and REAP, HC-SMoE) at M-SMoE's budget.
+
+A baselines spec is an ablation spec (``pipeline.ablations``: variants of params overrides x seeds,
+run by ``scripts/ablations.py``) whose variants each name the evaluated models they contribute as
+table rows (e.g. HC-SMoE before and after KD). Every row is compared with one reference row
+(M-SMoE after KD) by a paired bootstrap over seeds and test examples.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.ablations import CI_LEVEL, FIDELITY, AblationSpec, Variant, fmt_points, fmt_value
+from pipeline.stats import decode_predictions, seed_example_bootstrap_ci
+
+
+class Row(BaseModel):
+    """One table row: an evaluated model of a variant's runs, and what its paper says of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["full", "merged", "m_smoe", "mc_smoe", "c_smoe"]
+    label: str
+    # The published figure (e.g. the MC-SMoE paper's switch-base-32 SST-2 accuracy) and where the
+    # publication puts the row relative to M-SMoE (None: tied or not compared there).
+    published: str = ""
+    paper: Literal["below", "above"] | None = None
+    # The row this one is compared with ("<variant>/<model>"); None: the spec's reference. A model
+    # before KD is compared with M-SMoE before KD.
+    compare_to: str | None = None
+
+
+class Baseline(Variant):
+    rows: list[Row] = Field(min_length=1)
+
+
+class BaselineSpec(AblationSpec):
+    kind: Literal["baselines"] = "baselines"
+    variants: list[Baseline] = Field(min_length=1)
+    # The row every other row is compared with: "<variant>/<model>".
+    reference: str = "m-smoe/m_smoe"
+
+    @model_validator(mode="after")
+    def _reference_exists(self) -> BaselineSpec:
+        rows = {f"{v.name}/{r.model}" for v in self.variants for r in v.rows}
+        wanted = [self.reference] + [r.compare_to for v in self.variants for r in v.rows if r.compare_to]
+        missing = [w for w in wanted if w not in rows]
+        if missing:
+            raise ValueError(f"reference rows {missing} are not variant/model rows of the spec")
+        return self
+
+    def row_models(self) -> set[str]:
+        return {r.model for v in self.variants for r in v.rows}
+
+
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def _paired(
+    mine: list[dict], mine_key: str, ref: list[dict], ref_key: str, field: str, n_boot: int, seed: int
+) -> dict | None:
+    """Row minus reference, paired by seed and example, over the seeds both have."""
+
+    def table(runs: list[dict], key: str) -> dict[int, Any]:
+        out = {}
+        for r in runs:
+            pred = r.get("predictions") or {}
+            if key in (pred.get(field) or {}):
+                out[r["seed"]] = decode_predictions(pred)[key] if field == "correct" else pred[field][key]
+        return out
+
+    a, b = table(mine, mine_key), table(ref, ref_key)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    try:
+        ci = seed_example_bootstrap_ci(
+            [a[s] for s in seeds],
+            [b[s] for s in seeds],
+            n_boot=n_boot,
+            seed=seed,
+            level=CI_LEVEL,
+            binary=field == "correct",
+        )
+    except ValueError as err:
+        return {"error": str(err), "seeds": seeds}
+    return {**ci, "level": CI_LEVEL, "seeds": seeds}
+
+
+def _metric(runs: list[dict], model: str, key: str) -> dict | None:
+    values = [
+        float(r["metrics"]["evaluate"][model][key])
+        for r in runs
+        if key in ((r.get("metrics") or {}).get("evaluate") or {}).get(model, {})
+    ]
+    return _stats(values)
+
+
+def summarise(spec: BaselineSpec, runs: list[dict], n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Per row (``variant/model``): accuracy and size/speed figures over seeds, and the paired
+    difference to the reference row with its 95% CI (accuracy, and the merged model's KL to full)."""
+    by_variant = {
+        v.name: sorted((r for r in runs if r["variant"] == v.name), key=lambda r: r["seed"])
+        for v in spec.variants
+    }
+    out = {}
+    for v in spec.variants:
+        done = by_variant[v.name]
+        for row in v.rows:
+            key = f"{v.name}/{row.model}"
+            entry: dict[str, Any] = {
+                "label": row.label,
+                "set": v.set,
+                "seeds": [r["seed"] for r in done],
+                "published": row.published,
+                "paper": row.paper,
+                "accuracy": _stats(
+                    [float(r["accuracy"][row.model]) for r in done if row.model in r["accuracy"]]
+                ),
+            }
+            for m in ("experts_total", "params_total", "expert_params", "bytes_on_disk", "tokens_per_s"):
+                entry[m] = _metric(done, row.model, m)
+            kl = [
+                statistics.fmean(r["predictions"]["kl_to_full"][FIDELITY])
+                for r in done
+                if FIDELITY in ((r.get("predictions") or {}).get("kl_to_full") or {})
+            ]
+            entry["merged_kl_to_full"] = _stats(kl)
+            against = row.compare_to or spec.reference
+            ref_name, _, ref_model = against.partition("/")
+            ref_runs = by_variant[ref_name]
+            entry["compared_with"] = against
+            if key != against and key != spec.reference:
+                entry["delta"] = _paired(done, row.model, ref_runs, ref_model, "correct", n_boot, seed)
+                entry["kl_delta"] = (
+                    _paired(done, FIDELITY, ref_runs, FIDELITY, "kl_to_full", n_boot, seed)
+                    if row.model in ("merged", "m_smoe", "mc_smoe")
+                    else None
+                )
+            out[key] = entry
+    return out
+
+
+def _verdict(ci: dict | None, paper: str | None) -> tuple[str, str]:
+    if not ci or "error" in ci:
+        return "-", "-"
+    low, high = ci["ci_seeds_examples"]
+    cell = f"{fmt_points(ci['diff'])} [{fmt_points(low)}, {fmt_points(high)}]"
+    tie = low <= 0 <= high
+    ours = "tie (CI spans 0)" if tie else ("above" if low > 0 else "below")
+    if paper is None:
+        return cell, ours
+    found = "not shown" if tie else ("agrees" if ours == paper else "opposite")
+    return cell, f"{ours}; paper {paper}: {found}"
+
+
+def _mean(stats: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    if not stats:
+        return "-"
+    return f"{scale * stats['mean']:.{digits}f}"
+
+
+def markdown_table(spec: BaselineSpec, summary: dict[str, dict]) -> str:
+    """The README table: one row per method x evaluated model at the same budget.
+
+    Accuracy is mean ± std over seeds; Δ is the row minus M-SMoE, in points, with its 95% bootstrap
+    interval over seeds and test examples (paired). KL is the merged model's mean KL divergence
+    from the full model (10⁻³ nats), before KD: what the method did to the function.
+    """
+    pct = f"{100 * CI_LEVEL:g}%"
+    lines = [
+        f"| Method | Overrides | Seeds | Acc. (%) | Δ vs M-SMoE (pts, {pct} CI) | Experts | Params (M) | MB on disk "
+        f"| tokens/s | merged KL (10⁻³) | Δ KL ({pct} CI) | Published | Ours vs M-SMoE; paper |",
+        "|" + "---|" * 13,
+    ]
+    for v in spec.variants:
+        sets = ", ".join(f"`{k}={fmt_value(val)}`" for k, val in v.set.items()) or "(default)"
+        for row in v.rows:
+            s = summary[f"{v.name}/{row.model}"]
+            acc = s["accuracy"]
+            acc_cell = (
+                "not run"
+                if not acc
+                else f"{100 * acc['mean']:.2f}" + (f" ± {100 * acc['std']:.2f}" if acc["n"] > 1 else "")
+            )
+            if "delta" not in s:
+                delta, verdict = "(reference)", "-"
+            else:
+                delta, verdict = _verdict(s.get("delta"), row.paper)
+            kl_ci = s.get("kl_delta")
+            kl_cell = "-"
+            if kl_ci and "error" not in kl_ci:
+                low, high = kl_ci["ci_seeds_examples"]
+                kl_cell = f"{1000 * kl_ci['diff']:+.2f} [{1000 * low:+.2f}, {1000 * high:+.2f}]"
+            kl = _mean(s["merged_kl_to_full"], 1000) if row.model != "full" else "-"
+            lines.append(
+                f"| {row.label} | {sets} | {len(s['seeds'])} | {acc_cell} | {delta} | {_mean(s['experts_total'], 1, 0)} "
+                f"| {_mean(s['params_total'], 1e-6)} | {_mean(s['bytes_on_disk'], 1e-6, 1)} | {_mean(s['tokens_per_s'], 1, 0)} "
+                f"| {kl} | {kl_cell} | {row.published or '-'} | {verdict} |"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""The baselines spec (baselines.yaml), its validation, and its summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.ablations import check_spec, load_spec
+from pipeline.baselines import BaselineSpec, markdown_table, summarise
+from pipeline.config import ParamsError
+from pipeline.stats import seed_example_bootstrap_ci
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 40
+rng = np.random.default_rng(0)
+BASE = (rng.random((3, N)) < 0.8).astype(int)
+WORSE = BASE.copy()
+WORSE[:, :4] = 0  # the first 4 examples wrong in every seed
+
+
+@pytest.fixture(scope="module")
+def shipped() -> BaselineSpec:
+    return load_spec(ROOT / "baselines.yaml")
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_spec_is_a_baselines_spec_valid_for_shipped_params(shipped, params):
+    assert isinstance(shipped, BaselineSpec)
+    check_spec(shipped, params)
+
+
+def test_shipped_spec_has_every_method_of_the_issue(shipped):
+    names = {v.name for v in shipped.variants}
+    assert names >= {
+        "m-smoe",
+        "pruning",
+        "task-specific",
+        "averaging",
+        "zipit",
+        "repair",
+        "git-rebasin",
+        "reap",
+        "hc-smoe",
+    }
+    hc = next(v for v in shipped.variants if v.name == "hc-smoe")
+    assert {r.model for r in hc.rows} == {"merged", "m_smoe"}  # with and without our KD
+    rows = {r.label: r for v in shipped.variants for r in v.rows}
+    # The paper's Table 2 (switch-base-32, SST-2).
+    assert rows["Averaging"].published == "92.66" and rows["Averaging"].paper == "below"
+    assert rows["full SMoE (not reduced)"].published == "95.75"
+
+
+def test_a_method_combination_that_cannot_run_is_caught_before_running(params, tmp_path):
+    spec = tmp_path / "b.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "baselines",
+                "seeds": [1],
+                "reference": "m/m_smoe",
+                "variants": [
+                    {"name": "m", "study": "r", "rows": [{"model": "m_smoe", "label": "M"}]},
+                    {
+                        "name": "reap",
+                        "study": "p",
+                        "set": {"group.method": "reap"},
+                        "rows": [{"model": "m_smoe", "label": "REAP"}],
+                    },
+                ],
+            }
+        )
+    )
+    with pytest.raises(ParamsError, match="variant 'reap'.*profile.expert_outputs: true"):
+        check_spec(load_spec(spec), params)
+
+
+def test_unknown_kind_and_missing_reference_are_errors(tmp_path):
+    bad = tmp_path / "k.yaml"
+    bad.write_text("kind: sweeps\nseeds: [1]\nvariants: [{name: a, study: s}]\n")
+    with pytest.raises(ValueError, match="unknown kind 'sweeps'; valid: ablations, baselines"):
+        load_spec(bad)
+    bad.write_text(
+        "kind: baselines\nseeds: [1]\nreference: x/m_smoe\n"
+        "variants: [{name: a, study: s, rows: [{model: m_smoe, label: A}]}]\n"
+    )
+    with pytest.raises(ValueError, match=r"reference rows \['x/m_smoe'\]"):
+        load_spec(bad)
+
+
+def _spec() -> BaselineSpec:
+    return BaselineSpec(
+        seeds=[1, 2, 3],
+        reference="ref/m_smoe",
+        variants=[
+            {
+                "name": "ref",
+                "study": "r",
+                "rows": [{"model": "merged", "label": "Ref merged"}, {"model": "m_smoe", "label": "Ref"}],
+            },
+            {
+                "name": "worse",
+                "study": "t",
+                "rows": [{"model": "m_smoe", "label": "Worse", "published": "90.0", "paper": "below"}],
+            },
+            {
+                "name": "same",
+                "study": "t",
+                "rows": [
+                    {"model": "merged", "label": "Same raw", "compare_to": "ref/merged", "paper": "above"},
+                    {"model": "m_smoe", "label": "Same"},
+                ],
+            },
+        ],
+    )
+
+
+def _runs() -> list[dict]:
+    correct = {"ref": (BASE, BASE), "worse": (BASE, WORSE), "same": (BASE, BASE)}
+    runs = []
+    for name, (merged, m_smoe) in correct.items():
+        for s in range(3):
+            c = {"merged": "".join(map(str, merged[s])), "m_smoe": "".join(map(str, m_smoe[s]))}
+            runs.append(
+                {
+                    "variant": name,
+                    "seed": s + 1,
+                    "accuracy": {k: float(np.mean([int(x) for x in v])) for k, v in c.items()},
+                    "metrics": {
+                        "evaluate": {
+                            k: {
+                                "experts_total": 26,
+                                "params_total": 5e6,
+                                "bytes_on_disk": 2e7,
+                                "tokens_per_s": 1e4,
+                            }
+                            for k in c
+                        }
+                    },
+                    "predictions": {
+                        "split": "test",
+                        "n": N,
+                        "correct": c,
+                        "kl_to_full": {"merged": [0.001 * (1 + (name == "worse"))] * N},
+                    },
+                }
+            )
+    return runs
+
+
+def test_summary_pairs_each_row_with_its_reference():
+    summary = summarise(_spec(), _runs())
+    worse = summary["worse/m_smoe"]["delta"]
+    expected = seed_example_bootstrap_ci(list(WORSE), list(BASE))
+    assert worse["diff"] == pytest.approx(expected["diff"]) and worse["ci_seeds_examples"][1] < 0
+    assert summary["worse/m_smoe"]["kl_delta"]["diff"] == pytest.approx(0.001)
+    # Compared with the reference before KD, not after.
+    assert summary["same/merged"]["compared_with"] == "ref/merged"
+    assert summary["same/merged"]["delta"]["ci_seeds_examples"] == [0.0, 0.0]
+    assert "delta" not in summary["ref/m_smoe"]
+    assert summary["ref/m_smoe"]["experts_total"]["mean"] == 26
+
+
+def test_table_states_ties_and_the_papers_direction():
+    table = markdown_table(_spec(), summarise(_spec(), _runs()))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"Ref merged", "Ref", "Worse", "Same raw", "Same"}
+    assert "(reference)" in rows["Ref"]
+    assert "below; paper below: agrees" in rows["Worse"] and "| 90.0 |" in rows["Worse"]
+    assert "tie (CI spans 0); paper above: not shown" in rows["Same raw"]
+    assert "| 26 | 5.00 | 20.0 | 10000 |" in rows["Same"]
+
+
+def test_missing_runs_are_not_run_rows():
+    table = markdown_table(_spec(), summarise(_spec(), [r for r in _runs() if r["variant"] == "ref"]))
+    worse = next(line for line in table.splitlines() if line.startswith("| Worse"))
+    assert "not run" in worse
