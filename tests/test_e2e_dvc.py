@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from stages import group as group_stage
+from stages import merge as merge_stage
+from stages import profile as profile_stage
 from tests.conftest import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +100,13 @@ def tiny_params() -> dict:
     return _deep_update(params, yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text()))
 
 
-def copy_repo(dst: Path) -> Path:
+def untracked(params: dict) -> dict:
+    """``params`` logging to no MLflow store: for tests that check no run, since importing and
+    opening the store costs each stage seconds."""
+    return {**params, "mlflow": {**params.get("mlflow", {}), "tracking_uri": None}}
+
+
+def copy_repo(dst: Path, tracking: bool = True) -> Path:
     """The pipeline (code, dvc.yaml, DVC config) in ``dst`` with the tiny params, as a git repo."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in ("pipeline", "stages", "scripts", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore"):
@@ -107,7 +115,8 @@ def copy_repo(dst: Path) -> Path:
             shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy2(src, dst / item)
-    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    params = tiny_params()
+    (dst / "params.yaml").write_text(yaml.safe_dump(params if tracking else untracked(params)))
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     return dst
 
@@ -218,35 +227,31 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert pruned == {name for name, g in groups.items() if g["merged"]}
 
 
-# Every registered choice of issue 3's ablations, packed into as few pipelines as the similarities
-# allow (one similarity per pipeline); the reference recipe ran in the test above.
+# Every registered choice of issue 3's ablations: those of every stage packed into two experiments
+# (the reference recipe ran in the test above), the similarities, which change only the group
+# stage's choice, run through that stage on a profile of the pipeline's own model (a whole
+# experiment costs a minute), and Fisher merging through the merge stage on their groups.
 ALL_CHOICES = {
     "a": {
-        "group.similarity": "router-weight",
+        "group.similarity": "expert-weight",
         "merge.strategy": "uniform",
         "group.ratio": "uniform",
         "align.method": "none",
+        "group.layers": "decoder",
+        "group.skip_first_layer": False,
         "compress.schedule": "linear",
         "compress.scope": "merged",
     },
     "b": {
-        "group.similarity": "expert-weight",
+        "group.similarity": "router-weight",
         "align.method": "activation-matching",
         "align.reference": "most-used",
         "group.layers": "encoder",
         "kd.alpha": 0.0,
-    },
-    "c": {
-        "group.similarity": "expert-weight-feature",
-        "group.layers": "decoder",
-        "group.skip_first_layer": False,
         "compress.schedule": "quadratic",
     },
-    "d": {"group.similarity": "expert-gradient", "merge.strategy": "fisher", "profile.gradients": True},
 }
-# Similarities that change nothing but the group stage's choice: that stage runs on each of them,
-# on the pipeline's own outputs, instead of a whole experiment each (a minute apiece).
-GROUP_ONLY = ("expert-feature", "expert-feature-abs", "random")
+GROUP_ONLY = ("expert-weight-feature", "expert-gradient", "expert-feature", "expert-feature-abs", "random")
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -283,8 +288,7 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
     # The layer choices reached the group stage. The tiny model has SMoE layers encoder 1 and 3 and
     # decoder 1; encoder 1 is skipped by default, and is not a decoder layer when the skip is off.
     assert runs["b"]["metrics"]["group"]["merged_layers"] == 1
-    assert runs["c"]["metrics"]["group"]["merged_layers"] == 1
-    assert runs["a"]["metrics"]["group"]["merged_layers"] == 2
+    assert runs["a"]["metrics"]["group"]["merged_layers"] == 1
     # Each experiment (run in a temporary copy) logged to the repository's MLflow store: one
     # parent run named after it, its stages as children, the variant table on the parent.
     parents, children = mlflow_runs(repo / "mlflow.db")
@@ -303,21 +307,57 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["mlflow"]["tracking_uri"] = None
+    params["profile"]["gradients"] = True
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for similarity in GROUP_ONLY:
-        params["group"]["similarity"] = similarity
+
+    def run_stage(main, *args: str) -> None:
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        out = tmp_path / similarity
-        args = ["--params", str(tmp_path / "params.yaml"), "--model", str(repo / "models" / "aligned")]
-        args += ["--profile", str(repo / "profile"), "--out", str(out), "--metrics", str(out / "m.json")]
         try:
-            group_stage.main(args)
+            main(["--params", str(tmp_path / "params.yaml"), *args])
         finally:  # a stage installs its own signal handlers
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+    aligned, profile = str(repo / "models" / "aligned"), str(tmp_path / "profile")
+    data = ("--data", str(repo / "data" / "prepared"))
+    run_stage(
+        profile_stage.main, *data, "--model", aligned, "--out", profile, "--metrics", str(tmp_path / "p.json")
+    )
+    for similarity in GROUP_ONLY:
+        params["group"]["similarity"] = similarity
+        out = tmp_path / similarity
+        run_stage(
+            group_stage.main,
+            "--model",
+            aligned,
+            "--profile",
+            profile,
+            "--out",
+            str(out),
+            "--metrics",
+            str(out / "m.json"),
+        )
         groups = json.loads((out / "groups.json").read_text())
         assert groups["similarity"] == similarity
         assert json.loads((out / "m.json").read_text())["merged_layers"] == 2
+    params["merge"]["strategy"] = "fisher"
+    out = tmp_path / "fisher"
+    groups = str(tmp_path / "expert-gradient" / "groups.json")
+    run_stage(
+        merge_stage.main,
+        "--model",
+        aligned,
+        "--profile",
+        profile,
+        "--groups",
+        groups,
+        "--out",
+        str(out),
+        "--metrics",
+        str(tmp_path / "f.json"),
+    )
+    # Both merged layers, Fisher-weighted.
+    assert len(json.loads((out / "merge_report.json").read_text())) == 2
 
 
 LLM_VARIANT_KEYS = {
@@ -447,7 +487,7 @@ def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path
     with metrics identical to an uninterrupted run's (made in another folder)."""
     import psutil
 
-    repo = copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo", tracking=False)
     env = stage_env(SMOE_DATA_DIR=str(DATA), SMOE_PIPELINE_ID="e2e")
     log_file = tmp_path / "killed.log"
     with log_file.open("w") as log:
@@ -510,6 +550,7 @@ def test_meo_pipeline_matrix_then_mc_smoe(repo: Path, tmp_path: Path) -> None:
     params = _deep_update(params, tiny)
     params["variants"] = variants
     params["model"]["name_or_path"] = str(_tiny_bert_folder(tmp_path / "bert"))
+    params = untracked(params)
     (repo / "meo" / "params.yaml").write_text(yaml.safe_dump(params))
     log = _dvc(repo, "repro", "meo/dvc.yaml")
     ran = _ran(log)
