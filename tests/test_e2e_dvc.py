@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from stages import group as group_stage
+from stages import kd_finetune as kd_stage
+from stages import merge as merge_stage
 from stages import profile as profile_stage
 from tests.conftest import stage_env
 
@@ -99,7 +101,13 @@ def tiny_params() -> dict:
     return _deep_update(params, yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text()))
 
 
-def copy_repo(dst: Path) -> Path:
+def untracked(params: dict) -> dict:
+    """``params`` logging to no MLflow store: for tests that check no run, since importing and
+    opening the store costs each stage seconds."""
+    return {**params, "mlflow": {**params.get("mlflow", {}), "tracking_uri": None}}
+
+
+def copy_repo(dst: Path, tracking: bool = True) -> Path:
     """The pipeline (code, dvc.yaml, DVC config) in ``dst`` with the tiny params, as a git repo."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in ("pipeline", "stages", "scripts", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore"):
@@ -108,7 +116,8 @@ def copy_repo(dst: Path) -> Path:
             shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy2(src, dst / item)
-    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    params = tiny_params()
+    (dst / "params.yaml").write_text(yaml.safe_dump(params if tracking else untracked(params)))
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     return dst
 
@@ -219,49 +228,46 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert pruned == {name for name, g in groups.items() if g["merged"]}
 
 
-# Every registered choice (issue 3's ablations, issue 18's baselines), packed into as few pipelines
-# as they allow; the reference recipe ran in the test above. Methods that use a similarity (m-smoe,
-# reap) get one each; hc-smoe and task-specific use none.
+# Every registered choice of issue 3's ablations: those of every stage packed into two experiments
+# (the reference recipe ran in the test above), the similarities, which change only the group
+# stage's choice, run through that stage on a profile of the pipeline's own model (a whole
+# experiment costs a minute), and Fisher merging through the merge stage on their groups.
+# Issue 18's baselines ride along: HC-SMoE + ZipIt + REPAIR in one, REAP pruning in the other,
+# task-specific pruning through the group, merge and KD stages in-process.
 ALL_CHOICES = {
     "a": {
         "profile.expert_outputs": True,
         "group.method": "hc-smoe",
-        "merge.strategy": "uniform",
+        "merge.strategy": "zipit",
         "merge.repair": "repair",
         "group.ratio": "uniform",
         "align.method": "none",
+        "group.layers": "decoder",
+        "group.skip_first_layer": False,
         "compress.schedule": "linear",
         "compress.scope": "merged",
     },
     "b": {
         "profile.expert_outputs": True,
         "group.method": "reap",
-        "group.similarity": "expert-weight",
+        "group.similarity": "router-weight",
         "merge.strategy": "dominant",
         "merge.router": "prune",
         "align.method": "activation-matching",
         "align.reference": "most-used",
         "group.layers": "encoder",
         "kd.alpha": 0.0,
-    },
-    "c": {
-        "group.similarity": "expert-weight-feature",
-        "merge.strategy": "zipit",
-        "group.layers": "decoder",
-        "group.skip_first_layer": False,
         "compress.schedule": "quadratic",
     },
-    "d": {
-        "group.method": "task-specific",
-        "kd.prune.method": "task-specific",
-        "merge.router": "prune",
-        "merge.strategy": "fisher",
-        "profile.gradients": True,
-    },
 }
-# Similarities that change nothing but the group stage's choice: that stage runs on each of them,
-# on a profile of the pipeline's own model, instead of a whole experiment each (a minute apiece).
-GROUP_ONLY = ("router-weight", "expert-gradient", "expert-feature", "expert-feature-abs", "random")
+GROUP_ONLY = (
+    "expert-weight",
+    "expert-weight-feature",
+    "expert-gradient",
+    "expert-feature",
+    "expert-feature-abs",
+    "random",
+)
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -298,8 +304,7 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
     # The layer choices reached the group stage. The tiny model has SMoE layers encoder 1 and 3 and
     # decoder 1; encoder 1 is skipped by default, and is not a decoder layer when the skip is off.
     assert runs["b"]["metrics"]["group"]["merged_layers"] == 1
-    assert runs["c"]["metrics"]["group"]["merged_layers"] == 1
-    assert runs["a"]["metrics"]["group"]["merged_layers"] == 2
+    assert runs["a"]["metrics"]["group"]["merged_layers"] == 1
     # Each experiment (run in a temporary copy) logged to the repository's MLflow store: one
     # parent run named after it, its stages as children, the variant table on the parent.
     parents, children = mlflow_runs(repo / "mlflow.db")
@@ -316,62 +321,125 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
     res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and f"0 runs to do ({len(ALL_CHOICES)} reused)" in res.stdout
 
-    # The baselines reached their stages: REPAIR moved the pre-activations, REAP pruned to the
-    # budget, ZipIt zipped, task-specific pruning ended at the budget with pruned routers.
-    for name, run in runs.items():
-        budget = run["metrics"]["group"]["budget"]  # experts kept per reduced layer (3 SMoE layers of 8)
-        kept = sum(budget.values()) + 8 * (3 - len(budget))
-        assert run["metrics"]["evaluate"]["m_smoe"]["experts_total"] == kept, name
-    assert (
-        runs["d"]["metrics"]["kd_finetune"]["m_smoe"]["experts_kept"]
-        == runs["d"]["metrics"]["group"]["budget"]
-    )
-    assert runs["d"]["metrics"]["group"]["experts_per_layer"] == dict.fromkeys(
-        runs["d"]["metrics"]["group"]["experts_per_layer"], 8
-    )
-    assert set(runs["a"]["metrics"]["merge"]["preactivation_shift"]) == set(
-        runs["a"]["metrics"]["group"]["budget"]
-    )
-
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["mlflow"]["tracking_uri"] = None
     params["profile"]["gradients"] = True
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def run_stage(main, *args: str) -> None:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         try:
             main(["--params", str(tmp_path / "params.yaml"), *args])
         finally:  # a stage installs its own signal handlers
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    aligned, profile = str(repo / "models" / "aligned"), tmp_path / "profile"
+    aligned, profile = str(repo / "models" / "aligned"), str(tmp_path / "profile")
+    data = ("--data", str(repo / "data" / "prepared"))
     run_stage(
-        profile_stage.main,
-        *("--data", str(repo / "data" / "prepared"), "--model", aligned, "--out", str(profile)),
-        *("--metrics", str(tmp_path / "profile.json")),
+        profile_stage.main, *data, "--model", aligned, "--out", profile, "--metrics", str(tmp_path / "p.json")
     )
     for similarity in GROUP_ONLY:
         params["group"]["similarity"] = similarity
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         out = tmp_path / similarity
         run_stage(
             group_stage.main,
-            *(
-                "--model",
-                aligned,
-                "--profile",
-                str(profile),
-                "--out",
-                str(out),
-                "--metrics",
-                str(out / "m.json"),
-            ),
+            "--model",
+            aligned,
+            "--profile",
+            profile,
+            "--out",
+            str(out),
+            "--metrics",
+            str(out / "m.json"),
         )
         groups = json.loads((out / "groups.json").read_text())
         assert groups["similarity"] == similarity
         assert json.loads((out / "m.json").read_text())["merged_layers"] == 2
+    params["merge"]["strategy"] = "fisher"
+    out = tmp_path / "fisher"
+    groups = str(tmp_path / "expert-gradient" / "groups.json")
+    run_stage(
+        merge_stage.main,
+        "--model",
+        aligned,
+        "--profile",
+        profile,
+        "--groups",
+        groups,
+        "--out",
+        str(out),
+        "--metrics",
+        str(tmp_path / "f.json"),
+    )
+    # Both merged layers, Fisher-weighted.
+    assert len(json.loads((out / "merge_report.json").read_text())) == 2
+
+    # The baselines reached their stages with the budget kept: every m_smoe keeps exactly the group
+    # stage's budget in each reduced layer (3 SMoE layers of 8 experts), REPAIR reports its shift.
+    for name, run in runs.items():
+        budget = run["metrics"]["group"]["budget"]
+        kept = sum(budget.values()) + 8 * (3 - len(budget))
+        assert run["metrics"]["evaluate"]["m_smoe"]["experts_total"] == kept, name
+    assert set(runs["a"]["metrics"]["merge"]["preactivation_shift"]) == set(
+        runs["a"]["metrics"]["group"]["budget"]
+    )
+    # Task-specific pruning: no merging (singletons, the budget recorded), then KD prunes to it.
+    params["group"]["method"], params["merge"]["strategy"] = "task-specific", "frequency"
+    params["kd"]["prune"]["method"], params["merge"]["router"] = "task-specific", "prune"
+    params["kd"]["train"]["epochs"] = 0.25
+    ts = tmp_path / "task-specific"
+    run_stage(
+        group_stage.main,
+        "--model",
+        aligned,
+        "--profile",
+        profile,
+        "--out",
+        str(ts / "groups"),
+        "--metrics",
+        str(ts / "group.json"),
+    )
+    group_metrics = json.loads((ts / "group.json").read_text())
+    assert set(group_metrics["experts_per_layer"].values()) == {8}
+    run_stage(
+        merge_stage.main,
+        "--model",
+        aligned,
+        "--profile",
+        profile,
+        "--groups",
+        str(ts / "groups" / "groups.json"),
+        "--out",
+        str(ts / "merged"),
+        "--metrics",
+        str(ts / "merge.json"),
+    )
+    models = repo / "models"
+    run_stage(
+        kd_stage.main,
+        *data,
+        "--teacher",
+        str(models / "full"),
+        "--merged",
+        str(ts / "merged"),
+        "--compressed",
+        str(models / "compressed"),
+        "--compressed-full",
+        str(models / "c_compressed"),
+        "--out-m-smoe",
+        str(ts / "m_smoe"),
+        "--out-mc-smoe",
+        str(ts / "mc_smoe"),
+        "--out-c-smoe",
+        str(ts / "c_smoe"),
+        "--metrics",
+        str(ts / "kd.json"),
+    )
+    kd = json.loads((ts / "kd.json").read_text())["m_smoe"]
+    assert kd["experts_kept"] == group_metrics["budget"] and kd["pruning_events"]
+    structure = json.loads((ts / "m_smoe" / "smoe_structure.json").read_text())["layers"]
+    assert {n: len(spec["experts"]) for n, spec in structure.items()} == group_metrics["budget"]
 
 
 LLM_VARIANT_KEYS = {
@@ -501,7 +569,7 @@ def test_killed_finetune_then_rerun_reaches_the_same_metrics(reference, tmp_path
     with metrics identical to an uninterrupted run's (made in another folder)."""
     import psutil
 
-    repo = copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo", tracking=False)
     env = stage_env(SMOE_DATA_DIR=str(DATA), SMOE_PIPELINE_ID="e2e")
     log_file = tmp_path / "killed.log"
     with log_file.open("w") as log:
@@ -564,6 +632,7 @@ def test_meo_pipeline_matrix_then_mc_smoe(repo: Path, tmp_path: Path) -> None:
     params = _deep_update(params, tiny)
     params["variants"] = variants
     params["model"]["name_or_path"] = str(_tiny_bert_folder(tmp_path / "bert"))
+    params = untracked(params)
     (repo / "meo" / "params.yaml").write_text(yaml.safe_dump(params))
     log = _dvc(repo, "repro", "meo/dvc.yaml")
     ran = _ran(log)
