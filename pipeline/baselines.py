@@ -136,7 +136,14 @@ def summarise(spec: BaselineSpec, runs: list[dict], n_boot: int = 2000, seed: in
                 for r in done
                 if FIDELITY in ((r.get("predictions") or {}).get("kl_to_full") or {})
             ]
-            entry["merged_kl_to_full"] = _stats(kl)
+            # A method that merges nothing before KD (task-specific pruning) has the full model as
+            # its `merged` one: a KL of 0 would read as perfect fidelity.
+            unreduced = any(
+                (r.get("metrics") or {}).get("evaluate", {}).get("merged", {}).get("experts_total")
+                == (r.get("metrics") or {}).get("evaluate", {}).get("full", {}).get("experts_total")
+                for r in done
+            )
+            entry["merged_kl_to_full"] = None if unreduced else _stats(kl)
             against = row.compare_to or spec.reference
             ref_name, _, ref_model = against.partition("/")
             ref_runs = by_variant[ref_name]
@@ -145,7 +152,7 @@ def summarise(spec: BaselineSpec, runs: list[dict], n_boot: int = 2000, seed: in
                 entry["delta"] = _paired(done, row.model, ref_runs, ref_model, "correct", n_boot, seed)
                 entry["kl_delta"] = (
                     _paired(done, FIDELITY, ref_runs, FIDELITY, "kl_to_full", n_boot, seed)
-                    if row.model in ("merged", "m_smoe", "mc_smoe")
+                    if row.model in ("merged", "m_smoe", "mc_smoe") and not unreduced
                     else None
                 )
             out[key] = entry

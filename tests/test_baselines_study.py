@@ -181,3 +181,15 @@ def test_missing_runs_are_not_run_rows():
     table = markdown_table(_spec(), summarise(_spec(), [r for r in _runs() if r["variant"] == "ref"]))
     worse = next(line for line in table.splitlines() if line.startswith("| Worse"))
     assert "not run" in worse
+
+
+def test_a_method_that_merges_nothing_before_kd_shows_no_fidelity():
+    runs = _runs()
+    for r in runs:
+        if r["variant"] == "worse":  # its `merged` model is the full one (task-specific pruning)
+            r["metrics"]["evaluate"]["full"] = {"experts_total": 26}
+    summary = summarise(_spec(), runs)
+    assert (
+        summary["worse/m_smoe"]["merged_kl_to_full"] is None and summary["worse/m_smoe"]["kl_delta"] is None
+    )
+    assert summary["same/m_smoe"]["merged_kl_to_full"]["mean"] == pytest.approx(0.001)
