@@ -29,7 +29,8 @@ def _singletons(model):
             for ly in layers
         }
     }
-    merge_model(model, adapter, groups, profiles_for([ly.name for ly in layers]), "frequency")
+    n = adapter.num_experts(layers[0])
+    merge_model(model, adapter, groups, profiles_for([ly.name for ly in layers], n), "frequency")
     return adapter, {ly.name: BUDGET_OF[i] for i, ly in enumerate(layers)}
 
 
@@ -135,7 +136,7 @@ def test_train_resumes_the_pruner_state(tiny_model, rows):
 def test_topk_family_mask_keeps_the_family_rule():
     cfg = {**TOPK_CONFIGS["mixtral"], "num_local_experts": 4}
     model = build_model("mixtral", cfg, cfg["vocab_size"], 0, 1, router_init_std=0.02, seed=0).eval()
-    adapter, _ = _singletons_topk(model)
+    adapter, _ = _singletons(model)
     layer = adapter.sparse_layers(model)[0]
     pruner = TaskSpecificPruner(model, adapter, {layer.name: 2})
     pruner.alive[layer.name] = torch.tensor([True, False, True, False])
@@ -147,19 +148,6 @@ def test_topk_family_mask_keeps_the_family_rule():
     assert torch.allclose(scores.sum(-1), torch.ones(7), atol=1e-5)  # Mixtral renormalises
     pruner.finalize()
     assert adapter.num_experts(layer) == 2
-
-
-def _singletons_topk(model):
-    adapter = adapter_for(model)
-    layers = adapter.sparse_layers(model)
-    groups = {
-        "layers": {
-            ly.name: {"merged": True, "groups": [[e] for e in range(adapter.num_experts(ly))]}
-            for ly in layers
-        }
-    }
-    merge_model(model, adapter, groups, profiles_for([ly.name for ly in layers], 4), "frequency")
-    return adapter, None
 
 
 def test_budget_checks_and_registry(tiny_model):
