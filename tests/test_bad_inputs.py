@@ -177,7 +177,9 @@ CASES = [
         "unknown method name",
         prepare.main,
         set_params(merge__strategy="ties"),
-        ("merge.strategy: unknown merge strategy 'ties'; valid choices: dominant, fisher, frequency, uniform, zipit",),
+        (
+            "merge.strategy: unknown merge strategy 'ties'; valid choices: dominant, fisher, frequency, uniform, zipit",
+        ),
     ),
     Case(
         "unknown task",
