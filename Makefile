@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines benchmark benchmark-meo mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines benchmark benchmark-meo benchmark-calibration mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -45,9 +45,11 @@ ablations: repro
 	$(PY) -m scripts.ablations $(ARGS)
 
 # Every method of baselines.yaml (pruning, task-specific pruning, averaging, ZipIt, REPAIR, Git
-# Re-basin, REAP, HC-SMoE, M-SMoE, MC-SMoE) x seed at M-SMoE's budget; resumable like ablations.
-baselines: repro
+# Re-basin, REAP, HC-SMoE, M-SMoE, MC-SMoE) x seed at M-SMoE's budget, on the Switch default and
+# then (baselines_llm.yaml) on the decoder default; resumable like ablations.
+baselines: repro repro-llm
 	$(PY) -m scripts.ablations --spec baselines.yaml $(ARGS)
+	$(PY) -m scripts.ablations --spec baselines_llm.yaml $(ARGS)
 
 # switch-base-32-size random models on this machine: merge cost, speed, memory, size (15-20 min, 16 GB RAM).
 benchmark:
@@ -56,6 +58,11 @@ benchmark:
 # BERT-base-size random models: GFLOPs and wall-clock of dense, top-k MoE and MEO at k = 1, 2, 4, 8.
 benchmark-meo:
 	$(PY) -m benchmarks.meo_bert_base $(ARGS)
+
+# Calibration cost (profile, align, group, merge: seconds, peak tensor bytes, peak RSS) of every
+# baselines.yaml method on one switch-base-32-size random model (~25-30 min; ~19 GB RAM with zipit).
+benchmark-calibration:
+	$(PY) -m benchmarks.calibration_cost $(ARGS)
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000

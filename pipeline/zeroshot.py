@@ -396,20 +396,17 @@ def _length_mask(lengths: list[int], width: int, device: torch.device) -> torch.
 
 
 @torch.no_grad()
-def perplexity(
+def row_nlls(
     model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, device, dtype: str = "float32"
-) -> dict:
-    """Token-level perplexity of next-token prediction on ``rows`` (labels -100 are ignored).
-
-    NLL is summed over every predicted token of every batch, then averaged, so batching and
-    padding do not change the result.
-    """
+) -> tuple[list[float], list[int]]:
+    """Per row of ``rows``: the summed next-token NLL (nats) and the number of predicted tokens
+    (labels -100 are ignored), so that paired comparisons can resample rows."""
     if not rows:
         raise ValueError("perplexity needs at least one row")
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    nlls, counts = [], []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -424,16 +421,32 @@ def perplexity(
             targets = labels[:, 1:]
             # Row by row: a float32 copy of the whole [B, T, V] logits can be large for real vocabularies.
             for i in range(ids.shape[0]):
-                total_nll += F.cross_entropy(
-                    logits[i, :-1].float(), targets[i], ignore_index=-100, reduction="sum"
-                ).item()
-            total_tokens += int((targets != -100).sum())
+                nlls.append(
+                    F.cross_entropy(
+                        logits[i, :-1].float(), targets[i], ignore_index=-100, reduction="sum"
+                    ).item()
+                )
+                counts.append(int((targets[i] != -100).sum()))
     finally:
         model.train(was_training)
+    return nlls, counts
+
+
+def perplexity_from_rows(nlls: list[float], counts: list[int]) -> dict:
+    """Token-level perplexity from :func:`row_nlls`: NLL summed over every predicted token, then
+    averaged, so batching and padding do not change the result."""
+    total_tokens = sum(counts)
     if total_tokens == 0:
         raise ValueError("no token to predict: every row is shorter than 2 tokens or fully masked")
-    nll = total_nll / total_tokens
+    nll = sum(nlls) / total_tokens
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
+
+
+def perplexity(
+    model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, device, dtype: str = "float32"
+) -> dict:
+    """Token-level perplexity of next-token prediction on ``rows`` (labels -100 are ignored)."""
+    return perplexity_from_rows(*row_nlls(model, rows, pad_id, batch_size, device, dtype))
 
 
 def _encode_choices(
@@ -522,6 +535,33 @@ def _argmax(values: list[float]) -> int:
 
 
 @torch.no_grad()
+def choice_hits(
+    model: nn.Module,
+    tokenizer,
+    examples: list[ChoiceExample],
+    batch_size: int,
+    device,
+    dtype: str = "float32",
+    max_length: int | None = None,
+) -> tuple[list[bool], list[bool]]:
+    """Per example: whether the most likely choice is the label, by log-likelihood and by
+    log-likelihood per continuation byte."""
+    if not examples:
+        raise ValueError("choice_accuracy needs at least one example")
+    scores = choice_loglikelihoods(model, tokenizer, examples, batch_size, device, dtype, max_length)
+    hits, hits_norm = [], []
+    for ex, s in zip(examples, scores, strict=True):
+        hits.append(_argmax(s) == ex.label)
+        per_byte = [v / len(c.encode("utf-8")) for v, c in zip(s, ex.continuations, strict=True)]
+        hits_norm.append(_argmax(per_byte) == ex.label)
+    return hits, hits_norm
+
+
+def _accuracy(hits: list[bool], hits_norm: list[bool]) -> dict:
+    n = len(hits)
+    return {"accuracy": sum(hits) / n, "accuracy_norm": sum(hits_norm) / n, "examples": n}
+
+
 def choice_accuracy(
     model: nn.Module,
     tokenizer,
@@ -532,16 +572,30 @@ def choice_accuracy(
     max_length: int | None = None,
 ) -> dict:
     """Multiple-choice accuracy by log-likelihood (acc) and by log-likelihood per continuation byte (acc_norm)."""
-    if not examples:
-        raise ValueError("choice_accuracy needs at least one example")
-    scores = choice_loglikelihoods(model, tokenizer, examples, batch_size, device, dtype, max_length)
-    hits = hits_norm = 0
-    for ex, s in zip(examples, scores, strict=True):
-        hits += _argmax(s) == ex.label
-        per_byte = [v / len(c.encode("utf-8")) for v, c in zip(s, ex.continuations, strict=True)]
-        hits_norm += _argmax(per_byte) == ex.label
-    n = len(examples)
-    return {"accuracy": hits / n, "accuracy_norm": hits_norm / n, "examples": n}
+    return _accuracy(*choice_hits(model, tokenizer, examples, batch_size, device, dtype, max_length))
+
+
+def zero_shot_hits(
+    model: nn.Module,
+    tokenizer,
+    tasks: dict[str, list[ChoiceExample]],
+    batch_size: int,
+    device,
+    dtype: str = "float32",
+) -> dict[str, tuple[list[bool], list[bool]]]:
+    """:func:`choice_hits` of every task."""
+    if not tasks:
+        raise ValueError("zero_shot_suite needs at least one task")
+    if "mean_accuracy" in tasks:
+        raise ValueError("'mean_accuracy' is reserved for the suite's mean; rename that task")
+    return {name: choice_hits(model, tokenizer, ex, batch_size, device, dtype) for name, ex in tasks.items()}
+
+
+def suite_accuracy(hits: dict[str, tuple[list[bool], list[bool]]]) -> dict[str, dict | float]:
+    """Per task accuracy from :func:`zero_shot_hits`, plus ``"mean_accuracy"``: the unweighted mean over tasks."""
+    results: dict[str, dict | float] = {name: _accuracy(*h) for name, h in hits.items()}
+    results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(hits)
+    return results
 
 
 def zero_shot_suite(
@@ -553,13 +607,4 @@ def zero_shot_suite(
     dtype: str = "float32",
 ) -> dict[str, dict | float]:
     """:func:`choice_accuracy` of every task, plus ``"mean_accuracy"``: the unweighted mean over tasks."""
-    if not tasks:
-        raise ValueError("zero_shot_suite needs at least one task")
-    if "mean_accuracy" in tasks:
-        raise ValueError("'mean_accuracy' is reserved for the suite's mean; rename that task")
-    results: dict[str, dict | float] = {
-        name: choice_accuracy(model, tokenizer, examples, batch_size, device, dtype)
-        for name, examples in tasks.items()
-    }
-    results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(tasks)
-    return results
+    return suite_accuracy(zero_shot_hits(model, tokenizer, tasks, batch_size, device, dtype))

@@ -1,12 +1,14 @@
 """Run a study: every variant x seed of a spec (ablations.yaml, baselines.yaml) as one `dvc exp run --temp`.
 
 Each run is a named DVC experiment (`abl-<variant>-s<seed>`, or `bl-...` for the baselines; kept
-for `dvc exp show`) whose stages log to the repository's MLflow store. Results go to
-metrics/<kind>.json after every run, so an interrupted study resumes where it stopped; the README
-table between `<!-- <kind>:start/end -->` is rewritten at the end.
+for `dvc exp show`) of the spec's pipeline (dvc.yaml, or llm/dvc.yaml for the decoder default)
+whose stages log to the repository's MLflow store. Results go to metrics/<name>.json after every
+run, so an interrupted study resumes where it stopped; the README table between
+`<!-- <name>:start/end -->` is rewritten at the end (<name>: the spec's name, else its kind).
 
     python -m scripts.ablations                        # the ablation study (make ablations)
     python -m scripts.ablations --spec baselines.yaml  # the baselines (make baselines)
+    python -m scripts.ablations --spec baselines_llm.yaml  # the baselines on the decoder default
     python -m scripts.ablations --variants default sim-random --seeds 1
 """
 
@@ -37,18 +39,19 @@ from pipeline.config import ParamsError
 from scripts.mlflow_sync import sync
 
 METRIC_FILES = ("evaluate", "kd_finetune", "merge", "group", "align")
-# Per-example correctness of every evaluated model, for the paired bootstrap CIs of the summary.
-# Experiments from before evaluate wrote it have none; their rows fall back to seed means.
-PREDICTIONS_FILE = "metrics/predictions.json"
+# Per-example results of every evaluated model (<metrics_dir>/predictions.json), for the paired
+# bootstrap CIs of the summary. Experiments from before evaluate wrote it have none; their rows
+# fall back to seed means.
+PREDICTIONS_FILE = "predictions.json"
 
 
 def _cli() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default="ablations.yaml")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", default=None, help="results file (default: metrics/<kind>.json)")
+    p.add_argument("--params", default=None, help="params file (default: the spec's)")
+    p.add_argument("--out", default=None, help="results file (default: metrics/<name>.json)")
     p.add_argument(
-        "--readme", default="README.md", help="file with <!-- <kind>:start/end --> markers; '' to skip"
+        "--readme", default="README.md", help="file with <!-- <name>:start/end --> markers; '' to skip"
     )
     p.add_argument("--variants", nargs="*", help="run only these variants (default: all)")
     p.add_argument("--seeds", nargs="*", type=int, help="run only these seeds (default: the spec's)")
@@ -87,8 +90,8 @@ def _show_json(ref: str, path: str) -> dict | None:
     return json.loads(res.stdout) if res.returncode == 0 else None
 
 
-def _metrics(ref: str) -> dict[str, dict]:
-    found = {stage: _show_json(ref, f"metrics/{stage}.json") for stage in METRIC_FILES}
+def _metrics(ref: str, folder: str) -> dict[str, dict]:
+    found = {stage: _show_json(ref, f"{folder}/{stage}.json") for stage in METRIC_FILES}
     return {stage: m for stage, m in found.items() if m is not None}
 
 
@@ -110,12 +113,38 @@ def _trim(predictions: dict | None, reported: set[str]) -> dict | None:
     that the results file stays small."""
     if predictions is None:
         return None
+    if predictions.get("objective") == "lm":
+        return {
+            **{k: predictions.get(k) for k in ("split", "objective", "n", "tokens")},
+            "nll": {k: v for k, v in predictions.get("nll", {}).items() if k in reported},
+            "zero_shot": {
+                task: {k: v for k, v in hits.items() if k in reported}
+                for task, hits in predictions.get("zero_shot", {}).items()
+            },
+        }
     return {
         "split": predictions.get("split"),
         "n": predictions.get("n"),
         "correct": {k: v for k, v in predictions.get("correct", {}).items() if k in reported},
         "kl_to_full": {k: v for k, v in predictions.get("kl_to_full", {}).items() if k == FIDELITY},
     }
+
+
+def _headline(evaluation: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each evaluated model's headline figures: accuracy (classification), or test perplexity and
+    mean zero-shot accuracy (language modelling)."""
+    keys = {"accuracy": "accuracy", "perplexity": "test_perplexity", "zero_shot": "mean_accuracy"}
+    out = {name: {model: m[key] for model, m in evaluation.items() if key in m} for name, key in keys.items()}
+    return {name: v for name, v in out.items() if v}
+
+
+def _progress(head: dict[str, dict[str, float]]) -> str:
+    return " ".join(
+        f"{model}:{name}={value:.4g}"
+        for name, values in head.items()
+        for model, value in values.items()
+        if model in ("merged", "m_smoe", "mc_smoe")
+    )
 
 
 def _write(out: Path, spec: AblationSpec, runs: list[dict]) -> dict:
@@ -143,12 +172,13 @@ def main() -> None:
     args = _cli()
     try:
         spec = load_spec(args.spec)
-        params = yaml.safe_load(Path(args.params).read_text())
+        params_path = args.params or spec.params
+        params = yaml.safe_load(Path(params_path).read_text())
         check_spec(spec, params)
         variants = [spec.variant(n) for n in args.variants] if args.variants else spec.variants
     except (OSError, ValueError, ParamsError) as err:
         sys.exit(f"error: {err}")
-    kind = spec.kind
+    kind = spec.study_name
     if args.readme and f"<!-- {kind}:start -->" not in Path(args.readme).read_text():
         sys.exit(f"error: {args.readme} has no <!-- {kind}:start --> ... <!-- {kind}:end --> markers")
     seeds = args.seeds or spec.seeds
@@ -157,7 +187,7 @@ def main() -> None:
         sys.exit(f"error: seeds {unknown} are not in {args.spec} (seeds: {spec.seeds})")
 
     out = Path(args.out or f"metrics/{kind}.json")
-    prefix = {"ablations": "abl", "baselines": "bl"}[kind]
+    prefix = spec.experiment_prefix
     previous = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
     # A result is reused only if it was made with exactly the overrides this spec now asks for.
     names = {v.name for v in spec.variants}
@@ -183,8 +213,12 @@ def main() -> None:
             name = f"{prefix}-{variant.name}-s{seed}"
             overrides = spec.overrides(variant, seed)
             cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name]
+            if spec.pipeline != "dvc.yaml":
+                cmd.append(spec.pipeline)
+            # `-S file:key=value` for any params file but DVC's default one.
+            where = "" if params_path == "params.yaml" else f"{params_path}:"
             for key, value in overrides.items():
-                cmd += ["-S", f"{key}={json.dumps(value)}"]
+                cmd += ["-S", f"{where}{key}={json.dumps(value)}"]
             if args.dry_run:
                 print(" ".join(cmd))
                 continue
@@ -195,10 +229,11 @@ def main() -> None:
             ref = _exp_ref(name) if res.returncode == 0 else None
             if ref is None:
                 sys.exit(f"error: experiment {name} failed (exit {res.returncode}); see {log_path}")
-            metrics = _metrics(ref)
+            metrics = _metrics(ref, spec.metrics_dir)
             # A run whose stages all came from DVC's run cache logged nothing: give it its row.
-            sync(args.params, "metrics/evaluate.json")
+            sync(params_path, f"{spec.metrics_dir}/evaluate.json")
             evaluation = metrics.get("evaluate", {})
+            head = _headline(evaluation)
             runs.append(
                 {
                     "variant": variant.name,
@@ -206,18 +241,17 @@ def main() -> None:
                     "overrides": overrides,
                     "experiment": name,
                     "seconds": round(time.time() - start, 1),
-                    "accuracy": {k: v["accuracy"] for k, v in evaluation.items()},
+                    **head,
                     "expert_params": {k: v["expert_params"] for k, v in evaluation.items()},
                     "metrics": metrics,
-                    "predictions": _trim(_show_json(ref, PREDICTIONS_FILE), _reported(spec)),
+                    "predictions": _trim(
+                        _show_json(ref, f"{spec.metrics_dir}/{PREDICTIONS_FILE}"), _reported(spec)
+                    ),
                 }
             )
             _write(out, spec, runs)
-            acc = runs[-1]["accuracy"]
             print(
-                f"[{i}/{len(todo)}] {name}: merged={acc.get('merged', float('nan')):.4f} "
-                f"m_smoe={acc.get('m_smoe', float('nan')):.4f} "
-                f"mc_smoe={acc.get('mc_smoe', float('nan')):.4f} ({runs[-1]['seconds']:.0f} s)",
+                f"[{i}/{len(todo)}] {name}: {_progress(head)} ({runs[-1]['seconds']:.0f} s)",
                 flush=True,
             )
     if args.dry_run:

@@ -7,7 +7,8 @@ distribution: how far merging and compression moved the function, even where no 
 and the full model's accuracy with every expert of the merged layers zeroed (a knock-out: what
 those experts are worth at all).
 Language-modelling tasks are scored by test perplexity and zero-shot accuracy on the
-prepared multiple-choice tasks.
+prepared multiple-choice tasks; there ``--predictions`` records each test block's NLL and each
+zero-shot example's hit per variant.
 
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
 with the router remapped or pruned to one output per group.
@@ -23,7 +24,7 @@ import torch
 
 from pipeline.adapters import adapter_for
 from pipeline.data import load_prepared
-from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference
+from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference, lm_predictions
 from pipeline.knockout import zero_experts
 from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.plots import accuracy_vs_size_figure
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in models.values():
                 check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
-    results, logps, kls = {}, {}, {}
+    results, logps, kls, lm_details = {}, {}, {}, {}
     with (
         tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
         mlflow_run(params, args.params, "evaluate", section(params, "evaluate", "runtime")) as run,
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             models[name] = model
         for v, model in models.items():
             if task.objective == "lm":
-                results[v] = evaluate_lm_variant(
+                results[v], lm_details[v] = evaluate_lm_variant(
                     model, folders[v], task, e.batch_size, e.speed_batches, device, params.runtime.dtype
                 )
             else:
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
             run.log_metrics(results[v], prefix=f"{v}.")
         write_json(results, args.metrics)
+        if args.predictions and lm_details:
+            write_json(lm_predictions(lm_details), args.predictions)
         if args.predictions and logps:
             rows = task.splits[split]
             labels = torch.tensor([int(r["label"]) for r in rows])

@@ -34,6 +34,17 @@ TINY = dict(
 )
 VOCAB = 100
 PAD_ID, EOS_ID = 0, 1
+# A tiny Mixtral (2 decoder layers, top-2); tests set num_local_experts.
+TINY_MIXTRAL = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 64,
+}
 N_EXPERTS = TINY["num_experts"]
 # Class targets of the fake rows: token 5 or 6, then EOS.
 CLASS_TARGETS = [[5, EOS_ID], [6, EOS_ID]]

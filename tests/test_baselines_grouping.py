@@ -29,20 +29,10 @@ from pipeline.grouping import (
 from pipeline.modeling import build_model
 from pipeline.profiling import expert_output_sums, load_profile, profile_routing, save_profile
 from pipeline.registry import UnknownChoiceError
-from tests.conftest import PAD_ID
+from tests.conftest import PAD_ID, TINY_MIXTRAL
 
 CPU = torch.device("cpu")
-MIXTRAL = {
-    "vocab_size": 96,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_experts_per_tok": 2,
-    "num_local_experts": 6,
-    "max_position_embeddings": 64,
-}
+MIXTRAL = {**TINY_MIXTRAL, "num_local_experts": 6}
 
 
 def _mixtral(seed: int = 0):

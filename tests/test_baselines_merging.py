@@ -25,19 +25,9 @@ from pipeline.moe import LowRankSparseLinear
 from pipeline.profiling import LayerProfile
 from pipeline.registry import UnknownChoiceError
 from pipeline.routing import set_router_mode
-from tests.conftest import N_EXPERTS, TINY, logits
+from tests.conftest import N_EXPERTS, TINY, TINY_MIXTRAL, logits
 
-MIXTRAL = {
-    "vocab_size": 96,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_experts_per_tok": 2,
-    "num_local_experts": 4,
-    "max_position_embeddings": 64,
-}
+MIXTRAL = {**TINY_MIXTRAL, "num_local_experts": 4}
 SWITCH_GROUPS = [[2, 0, 1], [5, 3, 4], [6], [7]]
 MIXTRAL_GROUPS = [[1, 0], [2, 3]]
 

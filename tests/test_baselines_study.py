@@ -193,3 +193,124 @@ def test_a_method_that_merges_nothing_before_kd_shows_no_fidelity():
         summary["worse/m_smoe"]["merged_kl_to_full"] is None and summary["worse/m_smoe"]["kl_delta"] is None
     )
     assert summary["same/m_smoe"]["merged_kl_to_full"]["mean"] == pytest.approx(0.001)
+
+
+# ---------------------------------------------------------------- the decoder default
+
+
+def test_shipped_decoder_spec_runs_llm_pipeline_with_every_method(shipped):
+    llm = load_spec(ROOT / "baselines_llm.yaml")
+    check_spec(llm, yaml.safe_load((ROOT / llm.params).read_text()))
+    assert (llm.pipeline, llm.params, llm.metrics_dir) == ("llm/dvc.yaml", "llm/params.yaml", "metrics/llm")
+    assert {v.name for v in llm.variants} == {v.name for v in shipped.variants}
+    # Its results file, README block and experiment names differ from the Switch study's.
+    assert (llm.study_name, llm.experiment_prefix) == ("baselines-llm", "bl-llm")
+    assert (shipped.study_name, shipped.experiment_prefix) == ("baselines", "bl")
+
+
+BLOCKS, TOKENS = 30, [127] * 29 + [60]  # the last test block is short
+ZS = {"copa": 10, "winogrande": 20}
+
+
+def _lm_runs(worse_nll: float) -> list[dict]:
+    """Reference and a variant whose every token costs ``worse_nll`` more nats; zero-shot hits
+    planted so that the variant loses the first copa example in every seed."""
+    runs = []
+    for name, extra in (("ref", 0.0), ("worse", worse_nll), ("same", 0.0)):
+        for s in range(3):
+            base = np.random.default_rng(s).uniform(3, 5, BLOCKS)  # nats per token, per block
+            nll = {
+                m: [
+                    float(b * t + (extra if m == "m_smoe" else 0) * t)
+                    for b, t in zip(base, TOKENS, strict=True)
+                ]
+                for m in ("merged", "m_smoe")
+            }
+            zs = {}
+            for task, n in ZS.items():
+                bits = "1" + "".join("1" if (i + s) % 3 else "0" for i in range(1, n))
+                lost = "0" + bits[1:] if name == "worse" and task == "copa" else bits
+                zs[task] = {"merged": bits, "m_smoe": lost}
+            ppl = {m: float(np.exp(sum(v) / sum(TOKENS))) for m, v in nll.items()}
+            runs.append(
+                {
+                    "variant": name,
+                    "seed": s + 1,
+                    "perplexity": ppl,
+                    "metrics": {
+                        "evaluate": {
+                            m: {"test_perplexity": ppl[m], "mean_accuracy": 0.6, "experts_total": 13}
+                            for m in ("merged", "m_smoe")
+                        }
+                    },
+                    "predictions": {
+                        "objective": "lm",
+                        "n": BLOCKS,
+                        "tokens": TOKENS,
+                        "nll": nll,
+                        "zero_shot": zs,
+                    },
+                }
+            )
+    return runs
+
+
+def test_decoder_summary_gives_the_perplexity_ratio_and_zero_shot_difference():
+    summary = summarise(_spec(), _lm_runs(0.05))
+    worse = summary["worse/m_smoe"]
+    # Every token 0.05 nats worse: the ratio is exactly e^0.05; resampling moves it only through
+    # the one short block's weight.
+    assert worse["ppl_ratio"]["ratio"] == pytest.approx(np.exp(0.05))
+    low, high = worse["ppl_ratio"]["ci_seeds_examples"]
+    assert 1.04 < low < np.exp(0.05) < high < 1.06
+    # One of copa's 10 examples lost: the unweighted task mean drops by 1/10 / 2 tasks.
+    assert worse["delta"]["diff"] == pytest.approx(-0.05)
+    same = summary["same/merged"]
+    assert same["compared_with"] == "ref/merged" and same["ppl_ratio"]["ratio"] == pytest.approx(1.0)
+    assert summary["ref/m_smoe"]["perplexity"]["n"] == 3 and "delta" not in summary["ref/m_smoe"]
+
+
+def test_zero_shot_values_average_to_the_unweighted_task_mean():
+    from pipeline.baselines import block_nll, zero_shot_values
+
+    pred = _lm_runs(0.0)[0]["predictions"]
+    values = zero_shot_values(pred, "merged")
+    by_task = [np.mean([int(c) for c in pred["zero_shot"][t]["merged"]]) for t in ZS]
+    assert len(values) == sum(ZS.values()) and np.mean(values) == pytest.approx(np.mean(by_task))
+    assert np.mean(block_nll(pred, "merged")) == pytest.approx(sum(pred["nll"]["merged"]) / sum(TOKENS))
+    assert zero_shot_values(pred, "mc_smoe") is None
+
+
+def test_decoder_table_judges_by_perplexity():
+    table = markdown_table(_spec(), summarise(_spec(), _lm_runs(0.05)))
+    header, *_ = table.splitlines()
+    assert "Test ppl" in header and "ppl ratio vs M-SMoE" in header and "Zero-shot" in header
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert "×1.051 [1.04" in rows["Worse"] and "below; paper below: agrees" in rows["Worse"]
+    assert "-5.00 [" in rows["Worse"]
+    assert "tie (CI spans 1); paper above: not shown" in rows["Same raw"]
+
+
+def test_runner_runs_the_decoder_pipeline_with_its_params_file(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "scripts.ablations", "--spec", "baselines_llm.yaml", "--dry-run"]
+    cmd += ["--readme", "", "--seeds", "2", "--variants", "reap", "--out", str(tmp_path / "b.json")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    (line,) = [x for x in out.splitlines() if "dvc exp run" in x]
+    assert "-n bl-llm-reap-s2 llm/dvc.yaml " in line
+    assert "-S llm/params.yaml:merge_seed=2 " in line and '-S llm/params.yaml:group.method="reap"' in line
+
+
+def test_lm_predictions_record_blocks_and_zero_shot_hits():
+    from pipeline.evaluation import lm_predictions
+
+    details = {
+        m: {"nll": [1.23456, 2.0], "tokens": [5, 3], "zero_shot": {"copa": [True, m == "full"]}}
+        for m in ("full", "merged")
+    }
+    pred = lm_predictions(details)
+    assert pred["objective"] == "lm" and pred["n"] == 2 and pred["tokens"] == [5, 3]
+    assert pred["nll"]["merged"] == [1.2346, 2.0]
+    assert pred["zero_shot"] == {"copa": {"full": "11", "merged": "10"}}

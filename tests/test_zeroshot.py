@@ -25,6 +25,8 @@ from pipeline.zeroshot import (
     load_wikitext,
     parse_obqa_choices,
     perplexity,
+    row_nlls,
+    zero_shot_hits,
     zero_shot_suite,
 )
 
@@ -454,6 +456,15 @@ def test_perplexity_matches_manual_computation(tiny_lm, ragged_rows):
     assert 0.5 * tiny_lm.config.vocab_size < out["perplexity"] < 2 * tiny_lm.config.vocab_size
 
 
+def test_row_nlls_are_the_perplexitys_parts(tiny_lm, ragged_rows):
+    nlls, counts = row_nlls(tiny_lm, ragged_rows, pad_id=0, batch_size=3, device=CPU)
+    assert counts == [int((torch.tensor(r["labels"][1:]) != -100).sum()) for r in ragged_rows]
+    one = [row_nlls(tiny_lm, [r], 0, 1, CPU)[0][0] for r in ragged_rows]
+    assert nlls == pytest.approx(one, rel=1e-5)  # a row's sum does not depend on its batch
+    out = perplexity(tiny_lm, ragged_rows, 0, 3, CPU)
+    assert out["nll"] == pytest.approx(sum(nlls) / sum(counts), rel=1e-6)
+
+
 def test_perplexity_independent_of_batching_and_pad_id(tiny_lm, ragged_rows):
     ref = perplexity(tiny_lm, ragged_rows, pad_id=0, batch_size=1, device=CPU)["perplexity"]
     for bs in (2, 4, len(ragged_rows)):
@@ -549,6 +560,10 @@ def test_training_mode_restored_and_suite_mean(tiny_lm, tokenizer, mixed_example
         assert out[name] == choice_accuracy(tiny_lm, tokenizer, examples, 8, CPU)
     assert out["mean_accuracy"] == pytest.approx((out["first"]["accuracy"] + out["second"]["accuracy"]) / 2)
     assert not tiny_lm.training
+    hits = zero_shot_hits(tiny_lm, tokenizer, tasks, 8, CPU)
+    for name, (h, h_norm) in hits.items():
+        assert len(h) == len(h_norm) == len(tasks[name])
+        assert sum(h) / len(h) == out[name]["accuracy"] and sum(h_norm) / len(h) == out[name]["accuracy_norm"]
     with pytest.raises(ValueError, match="at least one"):
         zero_shot_suite(tiny_lm, tokenizer, {}, 8, CPU)
 
