@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.modeling import build_model, load_model
+from pipeline.training import TrainSettings
 
 # The offline task files live next to the checkout: <parent of repo>/shared/data.
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -166,3 +167,20 @@ def prepared(tmp_path_factory) -> Path:
     for split in ("train", "dev"):
         write_jsonl(rows, folder / f"{split}.jsonl")
     return folder
+
+
+def train_settings(**overrides) -> TrainSettings:
+    """Fine-tuning settings for the tiny models (one epoch, small batches), with ``overrides``."""
+    base = dict(
+        epochs=1,
+        batch_size=16,
+        eval_batch_size=16,
+        lr=3e-3,
+        weight_decay=0.0,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        router_z_loss_coef=1e-3,
+        router_aux_loss_coef=1e-3,
+        eval_every_epochs=1.0,
+    )
+    return TrainSettings(**{**base, **overrides})

@@ -339,9 +339,8 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
     run_stage(
         profile_stage.main, *data, "--model", aligned, "--out", profile, "--metrics", str(tmp_path / "p.json")
     )
-    for similarity in GROUP_ONLY:
-        params["group"]["similarity"] = similarity
-        out = tmp_path / similarity
+
+    def run_group(out: Path, metrics: Path) -> None:
         run_stage(
             group_stage.main,
             "--model",
@@ -351,27 +350,23 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
             "--out",
             str(out),
             "--metrics",
-            str(out / "m.json"),
+            str(metrics),
         )
+
+    def run_merge(groups: Path, out: Path, metrics: Path) -> None:
+        args = ("--model", aligned, "--profile", profile, "--groups", str(groups), "--out", str(out))
+        run_stage(merge_stage.main, *args, "--metrics", str(metrics))
+
+    for similarity in GROUP_ONLY:
+        params["group"]["similarity"] = similarity
+        out = tmp_path / similarity
+        run_group(out, out / "m.json")
         groups = json.loads((out / "groups.json").read_text())
         assert groups["similarity"] == similarity
         assert json.loads((out / "m.json").read_text())["merged_layers"] == 2
     params["merge"]["strategy"] = "fisher"
     out = tmp_path / "fisher"
-    groups = str(tmp_path / "expert-gradient" / "groups.json")
-    run_stage(
-        merge_stage.main,
-        "--model",
-        aligned,
-        "--profile",
-        profile,
-        "--groups",
-        groups,
-        "--out",
-        str(out),
-        "--metrics",
-        str(tmp_path / "f.json"),
-    )
+    run_merge(tmp_path / "expert-gradient" / "groups.json", out, tmp_path / "f.json")
     # Both merged layers, Fisher-weighted.
     assert len(json.loads((out / "merge_report.json").read_text())) == 2
 
@@ -389,32 +384,10 @@ def test_every_registered_choice_runs_as_a_dvc_experiment(repo: Path, tmp_path: 
     params["kd"]["prune"]["method"], params["merge"]["router"] = "task-specific", "prune"
     params["kd"]["train"]["epochs"] = 0.25
     ts = tmp_path / "task-specific"
-    run_stage(
-        group_stage.main,
-        "--model",
-        aligned,
-        "--profile",
-        profile,
-        "--out",
-        str(ts / "groups"),
-        "--metrics",
-        str(ts / "group.json"),
-    )
+    run_group(ts / "groups", ts / "group.json")
     group_metrics = json.loads((ts / "group.json").read_text())
     assert set(group_metrics["experts_per_layer"].values()) == {8}
-    run_stage(
-        merge_stage.main,
-        "--model",
-        aligned,
-        "--profile",
-        profile,
-        "--groups",
-        str(ts / "groups" / "groups.json"),
-        "--out",
-        str(ts / "merged"),
-        "--metrics",
-        str(ts / "merge.json"),
-    )
+    run_merge(ts / "groups" / "groups.json", ts / "merged", ts / "merge.json")
     models = repo / "models"
     run_stage(
         kd_stage.main,

@@ -12,8 +12,8 @@ from pipeline.expert_pruning import KD_PRUNERS, TaskSpecificPruner
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model
 from pipeline.registry import UnknownChoiceError
-from pipeline.training import TrainSettings, model_forward, train
-from tests.conftest import CLASS_TARGETS, N_EXPERTS, PAD_ID, logits, profiles_for
+from pipeline.training import model_forward, train
+from tests.conftest import CLASS_TARGETS, N_EXPERTS, PAD_ID, logits, profiles_for, train_settings
 from tests.test_topk_families import FAMILIES as TOPK_CONFIGS
 
 BUDGET_OF = {0: 3, 1: 2, 2: 5}
@@ -102,17 +102,8 @@ def test_train_resumes_the_pruner_state(tiny_model, rows):
     """The pruner is a checkpointed step hook: its state round-trips."""
     adapter, budget = _singletons(tiny_model)
     pruner = TaskSpecificPruner(tiny_model, adapter, budget)
-    settings = TrainSettings(
-        epochs=2,
-        batch_size=8,
-        eval_batch_size=16,
-        lr=1e-3,
-        weight_decay=0.0,
-        warmup_steps=1,
-        max_grad_norm=1.0,
-        router_z_loss_coef=0.0,
-        router_aux_loss_coef=0.0,
-        eval_every_epochs=1,
+    settings = train_settings(
+        epochs=2, batch_size=8, lr=1e-3, router_z_loss_coef=0.0, router_aux_loss_coef=0.0
     )
     summary = train(
         tiny_model,

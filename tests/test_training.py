@@ -7,7 +7,6 @@ from pipeline.adapters import adapter_for
 from pipeline.data import collate
 from pipeline.profiling import load_profile, profile_routing, save_profile
 from pipeline.training import (
-    TrainSettings,
     evaluate_accuracy,
     kd_loss,
     model_forward,
@@ -16,25 +15,9 @@ from pipeline.training import (
     task_loss,
     train,
 )
-from tests.conftest import CLASS_TARGETS, N_EXPERTS, PAD_ID
+from tests.conftest import CLASS_TARGETS, N_EXPERTS, PAD_ID, train_settings
 
 CPU = torch.device("cpu")
-
-
-def _settings(**overrides) -> TrainSettings:
-    base = dict(
-        epochs=1,
-        batch_size=16,
-        eval_batch_size=16,
-        lr=3e-3,
-        weight_decay=0.0,
-        warmup_steps=1,
-        max_grad_norm=1.0,
-        router_z_loss_coef=1e-3,
-        router_aux_loss_coef=1e-3,
-        eval_every_epochs=1.0,
-    )
-    return TrainSettings(**{**base, **overrides})
 
 
 # ---------------------------------------------------------------- losses
@@ -105,7 +88,7 @@ def test_train_runs_and_keeps_the_best_model(tiny_model, rows):
         rows[:16],
         CLASS_TARGETS,
         PAD_ID,
-        _settings(epochs=2, eval_every_epochs=1.0),
+        train_settings(epochs=2, eval_every_epochs=1.0),
         CPU,
         step_hook=lambda step, total: hooked.append((step, total)),
         log=lambda m, s: seen.append((s, m)),
@@ -223,7 +206,7 @@ def test_a_nan_loss_stops_training_at_once_and_keeps_no_checkpoint(tiny_model, r
             rows[:8],
             CLASS_TARGETS,
             PAD_ID,
-            _settings(),
+            train_settings(),
             CPU,
             progress=False,
             checkpointing=ckpt,
@@ -232,7 +215,7 @@ def test_a_nan_loss_stops_training_at_once_and_keeps_no_checkpoint(tiny_model, r
 
 
 def test_finite_training_is_unchanged_by_the_checks(tiny_model, rows):
-    summary = train(tiny_model, rows, rows[:8], CLASS_TARGETS, PAD_ID, _settings(), CPU, progress=False)
+    summary = train(tiny_model, rows, rows[:8], CLASS_TARGETS, PAD_ID, train_settings(), CPU, progress=False)
     assert summary["total_steps"] == 3 and summary["best_dev_accuracy"] is not None
 
 
@@ -267,7 +250,7 @@ def test_token_ids_beyond_the_embedding_table_are_refused(tiny_model, rows):
     with pytest.raises(DataError, match="token id 120"):
         check_token_ids(tiny_model, rows, [[120, 1]])
     with pytest.raises(DataError, match="prepared train split"):
-        train(tiny_model, bad, rows, CLASS_TARGETS, PAD_ID, _settings(), CPU, progress=False)
+        train(tiny_model, bad, rows, CLASS_TARGETS, PAD_ID, train_settings(), CPU, progress=False)
 
 
 def test_nan_class_scores_are_refused(tiny_model, rows):
