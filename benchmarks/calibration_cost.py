@@ -13,7 +13,7 @@ noise (a layer left with one group of 32 would make ZipIt's cost explode).
 
 * ``profile`` (``profile_routing``; every expert on every token with ``profile.expert_outputs``,
   REAP and HC-SMoE), ``align`` (``align_model``, every SMoE layer, as ``stages/align.py``),
-  ``group`` (``group_experts``) and ``merge`` (``merge_model``, with its REPAIR step);
+  ``group`` (``group_model``) and ``merge`` (``merge_model``, with its REPAIR step);
 * seconds (``time.perf_counter``);
 * peak extra tensor bytes: the most bytes of tensors made inside the step alive at once, counted by
   a TorchDispatchMode (:class:`PeakTensorBytes`, like ``pipeline.evaluation._LiveTensorBytes``),
@@ -75,13 +75,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.common import write_results
 from benchmarks.switch_base_32 import QUICK, SWITCH_BASE_32, build, random_rows
 from pipeline.ablations import apply_overrides, load_spec
 from pipeline.adapters import MoEAdapter, SparseLayer, adapter_for
 from pipeline.align import align_model
 from pipeline.config import Params, ParamsError, parse_params
 from pipeline.evaluation import model_memory_bytes
-from pipeline.grouping import GROUPING_METHODS, LayerData, group_experts, merged_layer_names, validate_groups
+from pipeline.grouping import GROUPING_METHODS, group_model, merged_layer_names
 from pipeline.merging import merge_model
 from pipeline.modeling import count_unique_params
 from pipeline.profiling import LayerProfile, profile_gradients, profile_routing
@@ -288,24 +289,6 @@ def _note(p: Params) -> str:
     return ""
 
 
-def _layer_data(adapter: MoEAdapter, layer: SparseLayer, prof: LayerProfile, seed: int) -> LayerData:
-    # As stages/group.py builds it.
-    return LayerData(
-        layer.name,
-        prof.router_logits,
-        adapter.router_weight(layer),
-        [adapter.expert_weights(layer, e) for e in range(adapter.num_experts(layer))],
-        seed=seed + layer.position,
-        feature_mean=prof.feature_mean,
-        feature_abs_mean=prof.feature_abs_mean,
-        feature_norm=prof.feature_norm,
-        gradients=prof.gradients,
-        frequency=prof.frequency,
-        output_mean=prof.output_mean,
-        reap_score=prof.reap_score,
-    )
-
-
 def _key(*sections: dict) -> str:
     return json.dumps(sections, sort_keys=True)
 
@@ -372,29 +355,9 @@ def calibrate(
         if reuse:
             cache[align_key] = {"moves": moves, "figures": figures}
 
-    g = p.group
     figures = {"measured_in": name}
     with measure_step(figures):
-        layers = adapter.sparse_layers(model)
-        names = merged_layer_names([(ly.name, ly.stack) for ly in layers], g.skip_first_layer, g.layers)
-        data = {
-            ly.name: _layer_data(adapter, ly, profiles[ly.name], p.merge_seed)
-            for ly in layers
-            if ly.name in names
-        }
-        groups = group_experts(
-            data,
-            {n: prof.frequency for n, prof in profiles.items()},
-            names,
-            g.num_experts_avg,
-            g.similarity,
-            g.ratio,
-            g.frequency_norm,
-            g.dominant_unused,
-            g.method,
-        )
-        validate_groups(groups, {ly.name: adapter.num_experts(ly) for ly in layers})
-        del data
+        groups = group_model(adapter, adapter.sparse_layers(model), profiles, p.group, p.merge_seed)
     steps["group"] = figures
 
     figures = {"measured_in": name}
@@ -674,10 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     results = run(args)  # it checks the methods and their params before it builds the model
     print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import copy
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks.common import write_results
 
 SIZES = {
     "full": {"hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 1408, "layers": 4},
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(res), flush=True)
         results.append(res)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ import gc
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import write_results
 from pipeline.meo import MoEFeedForward
 
 # Through pipeline.upcycle, which imports pipeline.adapters (the family registry) first.
@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(c < 0 for c in args.merge_chunks):
         p.error("--merge-chunks values must be >= 0 (0: the whole batch at once)")
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shutil
 import tempfile
 import time
@@ -33,11 +32,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import write_results
 from pipeline.adapters import adapter_for
 from pipeline.align import align_model
 from pipeline.compression import as_identity_merged, compress_model, finalize_compact, low_rank_sparse_modules
 from pipeline.evaluation import expert_stats, peak_forward_memory
-from pipeline.grouping import LayerData, group_experts, merged_layer_names
+from pipeline.grouping import group_experts, layer_data, merged_layer_names
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, count_unique_params, save_model
 from pipeline.profiling import profile_routing
@@ -206,16 +206,7 @@ def run(args: argparse.Namespace) -> dict:
         align_model(model, adapter, "weight-matching", "first", layers=names)
         cost["align"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        data = {
-            ly.name: LayerData(
-                ly.name,
-                profiles[ly.name].router_logits,
-                adapter.router(ly).classifier.weight.detach(),
-                [adapter.expert_weights(ly, e) for e in range(adapter.num_experts(ly))],
-            )
-            for ly in layers
-            if ly.name in names
-        }
+        data = {ly.name: layer_data(adapter, ly, profiles[ly.name]) for ly in layers if ly.name in names}
         freqs = {n: p.frequency for n, p in profiles.items()}
         groups = group_experts(data, freqs, names, args.num_experts_avg, "router-logits", "uniform")
         cost["group"] = round(time.perf_counter() - t0, 3)
@@ -324,10 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         args.num_experts_avg = 2 if args.quick else 8
     results = run(args)
     print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

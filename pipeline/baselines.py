@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -181,74 +182,72 @@ def summarise(spec: BaselineSpec, runs: list[dict], n_boot: int = 2000, seed: in
     merged model's KL to full; language modelling: test perplexity (as a ratio) and zero-shot accuracy."""
     if is_lm(runs):
         return _summarise_lm(spec, runs, n_boot, seed)
-    by_variant = _by_variant(spec, runs)
     out = {}
-    for v in spec.variants:
-        done = by_variant[v.name]
-        for row in v.rows:
-            key = f"{v.name}/{row.model}"
-            entry = _entry(v, row, done)
-            entry["accuracy"] = _stats(
-                [float(r["accuracy"][row.model]) for r in done if row.model in r["accuracy"]]
+    for key, row, done, entry, compared in _rows(spec, runs):
+        entry["accuracy"] = _stats(
+            [float(r["accuracy"][row.model]) for r in done if row.model in r["accuracy"]]
+        )
+        kl = [
+            statistics.fmean(r["predictions"]["kl_to_full"][FIDELITY])
+            for r in done
+            if FIDELITY in ((r.get("predictions") or {}).get("kl_to_full") or {})
+        ]
+        # A method that merges nothing before KD (task-specific pruning) has the full model as
+        # its `merged` one: a KL of 0 would read as perfect fidelity.
+        unreduced = any(
+            (r.get("metrics") or {}).get("evaluate", {}).get("merged", {}).get("experts_total")
+            == (r.get("metrics") or {}).get("evaluate", {}).get("full", {}).get("experts_total")
+            for r in done
+        )
+        entry["merged_kl_to_full"] = None if unreduced else _stats(kl)
+        if compared:
+            ref_runs, ref_model = compared
+            entry["delta"] = _paired(done, row.model, ref_runs, ref_model, "correct", n_boot, seed)
+            entry["kl_delta"] = (
+                _paired(done, FIDELITY, ref_runs, FIDELITY, "kl_to_full", n_boot, seed)
+                if row.model in ("merged", "m_smoe", "mc_smoe") and not unreduced
+                else None
             )
-            kl = [
-                statistics.fmean(r["predictions"]["kl_to_full"][FIDELITY])
-                for r in done
-                if FIDELITY in ((r.get("predictions") or {}).get("kl_to_full") or {})
-            ]
-            # A method that merges nothing before KD (task-specific pruning) has the full model as
-            # its `merged` one: a KL of 0 would read as perfect fidelity.
-            unreduced = any(
-                (r.get("metrics") or {}).get("evaluate", {}).get("merged", {}).get("experts_total")
-                == (r.get("metrics") or {}).get("evaluate", {}).get("full", {}).get("experts_total")
-                for r in done
-            )
-            entry["merged_kl_to_full"] = None if unreduced else _stats(kl)
-            against = row.compare_to or spec.reference
-            ref_name, _, ref_model = against.partition("/")
-            ref_runs = by_variant[ref_name]
-            entry["compared_with"] = against
-            if key != against and key != spec.reference:
-                entry["delta"] = _paired(done, row.model, ref_runs, ref_model, "correct", n_boot, seed)
-                entry["kl_delta"] = (
-                    _paired(done, FIDELITY, ref_runs, FIDELITY, "kl_to_full", n_boot, seed)
-                    if row.model in ("merged", "m_smoe", "mc_smoe") and not unreduced
-                    else None
-                )
-            out[key] = entry
+        out[key] = entry
     return out
 
 
-def _summarise_lm(spec: BaselineSpec, runs: list[dict], n_boot: int, seed: int) -> dict[str, dict]:
+def _rows(spec: BaselineSpec, runs: list[dict]) -> Iterator[tuple[str, Row, list[dict], dict, tuple | None]]:
+    """Each table row: its key, spec, runs, entry so far, and ``(runs, model)`` of the row it is
+    compared with (None for the reference row and the row it is compared against itself)."""
     by_variant = _by_variant(spec, runs)
-    out = {}
     for v in spec.variants:
         done = by_variant[v.name]
         for row in v.rows:
             key = f"{v.name}/{row.model}"
-            entry = _entry(v, row, done)
-            entry["perplexity"] = _metric(done, row.model, "test_perplexity")
-            entry["zero_shot"] = _metric(done, row.model, "mean_accuracy")
             against = row.compare_to or spec.reference
             ref_name, _, ref_model = against.partition("/")
+            entry = _entry(v, row, done)
             entry["compared_with"] = against
-            if key != against and key != spec.reference:
-                ref_runs = by_variant[ref_name]
-                nll = _lm_paired(done, row.model, ref_runs, ref_model, block_nll, n_boot, seed)
-                entry["delta_nll"] = nll
-                # exp is monotone: the interval of the NLL difference maps onto the perplexity ratio.
-                entry["ppl_ratio"] = (
-                    {
-                        "ratio": math.exp(nll["diff"]),
-                        "ci_seeds_examples": [math.exp(x) for x in nll["ci_seeds_examples"]],
-                    }
-                    if nll and "error" not in nll
-                    else None
-                )
-                entry["delta"] = _lm_paired(
-                    done, row.model, ref_runs, ref_model, zero_shot_values, n_boot, seed
-                )
-            out[key] = entry
+            compared = None if key in (against, spec.reference) else (by_variant[ref_name], ref_model)
+            yield key, row, done, entry, compared
+
+
+def _summarise_lm(spec: BaselineSpec, runs: list[dict], n_boot: int, seed: int) -> dict[str, dict]:
+    out = {}
+    for key, row, done, entry, compared in _rows(spec, runs):
+        entry["perplexity"] = _metric(done, row.model, "test_perplexity")
+        entry["zero_shot"] = _metric(done, row.model, "mean_accuracy")
+        if compared:
+            ref_runs, ref_model = compared
+            nll = _lm_paired(done, row.model, ref_runs, ref_model, block_nll, n_boot, seed)
+            entry["delta_nll"] = nll
+            # exp is monotone: the interval of the NLL difference maps onto the perplexity ratio.
+            entry["ppl_ratio"] = (
+                {
+                    "ratio": math.exp(nll["diff"]),
+                    "ci_seeds_examples": [math.exp(x) for x in nll["ci_seeds_examples"]],
+                }
+                if nll and "error" not in nll
+                else None
+            )
+            entry["delta"] = _lm_paired(done, row.model, ref_runs, ref_model, zero_shot_values, n_boot, seed)
+        out[key] = entry
     return out
 
 
@@ -274,12 +273,14 @@ def _found(ours: str, paper: str | None) -> str:
 
 
 def _ratio_cells(ratio: dict | None, paper: str | None) -> tuple[str, str]:
-    """The perplexity-ratio cell and its verdict: lower perplexity is better ("above" M-SMoE)."""
+    """The perplexity-ratio cell and its verdict in words that cannot be misread: lower perplexity
+    is "better" (a spec's ``paper: above``)."""
     if not ratio:
         return "-", "-"
     low, high = ratio["ci_seeds_examples"]
-    ours = "tie (CI spans 1)" if low <= 1 <= high else ("above" if high < 1 else "below")
-    return f"×{ratio['ratio']:.3f} [{low:.3f}, {high:.3f}]", _found(ours, paper)
+    ours = "tie (CI spans 1)" if low <= 1 <= high else ("better" if high < 1 else "worse")
+    claim = {"above": "better", "below": "worse"}.get(paper) if paper else None
+    return f"×{ratio['ratio']:.3f} [{low:.3f}, {high:.3f}]", _found(ours, claim)
 
 
 def _ci_points(ci: dict | None) -> str:

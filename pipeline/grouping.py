@@ -10,12 +10,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.clustering import first_merges_labels
 from pipeline.registry import Registry
+
+if TYPE_CHECKING:
+    from pipeline.adapters import MoEAdapter, SparseLayer
+    from pipeline.config import GroupParams
+    from pipeline.profiling import LayerProfile
 
 
 @dataclass
@@ -45,6 +51,25 @@ class LayerData:
                 f"group.similarity={similarity} needs {how}, which the routing profile of {self.name} lacks"
             )
         return value
+
+
+def layer_data(adapter: MoEAdapter, layer: SparseLayer, profile: LayerProfile, seed: int = 0) -> LayerData:
+    """One layer's :class:`LayerData`: its router and expert weights as they are now, and every
+    statistic its routing profile collected."""
+    return LayerData(
+        layer.name,
+        profile.router_logits,
+        adapter.router_weight(layer),
+        [adapter.expert_weights(layer, e) for e in range(adapter.num_experts(layer))],
+        seed=seed,
+        feature_mean=profile.feature_mean,
+        feature_abs_mean=profile.feature_abs_mean,
+        feature_norm=profile.feature_norm,
+        gradients=profile.gradients,
+        frequency=profile.frequency,
+        output_mean=profile.output_mean,
+        reap_score=profile.reap_score,
+    )
 
 
 Similarity = Callable[[LayerData], torch.Tensor]
@@ -380,6 +405,47 @@ def group_experts(
         "layers": layers,
         "method": method,
     }
+
+
+def group_model(
+    adapter: MoEAdapter,
+    layers: list[SparseLayer],
+    profiles: dict[str, LayerProfile],
+    section: GroupParams,
+    seed: int,
+) -> dict:
+    """Groups for a model's SMoE ``layers`` as the ``group`` params section asks, checked.
+
+    Layer ``i`` of the merged ones draws its random choices from ``seed + i`` (its position), so
+    a layer's groups do not depend on which other layers are merged. Raises ValueError when no
+    layer is left to merge or the budget cannot be met.
+    """
+    names = merged_layer_names(
+        [(ly.name, ly.stack) for ly in layers], section.skip_first_layer, section.layers
+    )
+    if not names:
+        raise ValueError(
+            f"no SMoE layer left to merge with group.layers={section.layers} and "
+            f"group.skip_first_layer={section.skip_first_layer}"
+        )
+    data = {
+        ly.name: layer_data(adapter, ly, profiles[ly.name], seed + ly.position)
+        for ly in layers
+        if ly.name in names
+    }
+    groups = group_experts(
+        data,
+        {n: prof.frequency for n, prof in profiles.items()},
+        names,
+        section.num_experts_avg,
+        section.similarity,
+        section.ratio,
+        section.frequency_norm,
+        section.dominant_unused,
+        section.method,
+    )
+    validate_groups(groups, {ly.name: adapter.num_experts(ly) for ly in layers})
+    return groups
 
 
 def validate_groups(groups: dict, num_experts: dict[str, int]) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.adapters import adapter_for
-from pipeline.grouping import LayerData, group_experts, merged_layer_names, validate_groups
+from pipeline.grouping import group_model
 from pipeline.modeling import atomic_dir, load_model
 from pipeline.plots import plot_groups
 from pipeline.profiling import load_profile
@@ -30,45 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         profiles = load_profile(Path(args.profile), model)
     adapter = adapter_for(model)
     layers = adapter.sparse_layers(model)
-    merge_names = merged_layer_names([(ly.name, ly.stack) for ly in layers], g.skip_first_layer, g.layers)
-    if not merge_names:
-        sys.exit(
-            f"error: no SMoE layer left to merge with group.layers={g.layers} and group.skip_first_layer={g.skip_first_layer}"
-        )
     n_exp = {ly.name: adapter.num_experts(ly) for ly in layers}
-    data = {
-        ly.name: LayerData(
-            ly.name,
-            profiles[ly.name].router_logits,
-            adapter.router_weight(ly),
-            [adapter.expert_weights(ly, e) for e in range(n_exp[ly.name])],
-            seed=params.merge_seed + ly.position,
-            feature_mean=profiles[ly.name].feature_mean,
-            feature_abs_mean=profiles[ly.name].feature_abs_mean,
-            feature_norm=profiles[ly.name].feature_norm,
-            gradients=profiles[ly.name].gradients,
-            frequency=profiles[ly.name].frequency,
-            output_mean=profiles[ly.name].output_mean,
-            reap_score=profiles[ly.name].reap_score,
-        )
-        for ly in layers
-        if ly.name in merge_names
-    }
-    freqs = {n: prof.frequency for n, prof in profiles.items()}
     # Grouping is cheap: do it (and fail on an impossible budget) before anything is logged or written.
     try:
-        groups = group_experts(
-            data,
-            freqs,
-            merge_names,
-            g.num_experts_avg,
-            g.similarity,
-            g.ratio,
-            g.frequency_norm,
-            g.dominant_unused,
-            g.method,
-        )
-        validate_groups(groups, n_exp)
+        groups = group_model(adapter, layers, profiles, g, params.merge_seed)
     except ValueError as err:
         sys.exit(f"error: group: {err}")
     with mlflow_run(params, args.params, "group", section(params, "merge_seed", "group")) as run:

@@ -286,9 +286,9 @@ def test_decoder_table_judges_by_perplexity():
     header, *_ = table.splitlines()
     assert "Test ppl" in header and "ppl ratio vs M-SMoE" in header and "Zero-shot" in header
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
-    assert "×1.051 [1.04" in rows["Worse"] and "below; paper below: agrees" in rows["Worse"]
+    assert "×1.051 [1.04" in rows["Worse"] and "worse; paper worse: agrees" in rows["Worse"]
     assert "-5.00 [" in rows["Worse"]
-    assert "tie (CI spans 1); paper above: not shown" in rows["Same raw"]
+    assert "tie (CI spans 1); paper better: not shown" in rows["Same raw"]
 
 
 def test_runner_runs_the_decoder_pipeline_with_its_params_file(tmp_path):

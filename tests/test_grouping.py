@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from pipeline.adapters import adapter_for
+from pipeline.config import GroupParams
 from pipeline.grouping import (
     SIMILARITIES,
     LayerData,
     dominant_budget,
     group_experts,
     group_layer,
+    group_model,
+    layer_data,
     merged_layer_names,
     normalised_frequency,
     validate_groups,
@@ -254,18 +257,13 @@ def test_groups_from_a_real_routing_profile(tiny_model, rows):
     adapter = adapter_for(tiny_model)
     layers = adapter.sparse_layers(tiny_model)
     prof = profile_routing(tiny_model, rows, PAD_ID, 16, torch.device("cpu"))
-    data = {
-        ly.name: LayerData(
-            ly.name,
-            prof[ly.name].router_logits,
-            adapter.router(ly).classifier.weight.detach(),
-            [adapter.expert_weights(ly, e) for e in range(N_EXPERTS)],
-            feature_mean=prof[ly.name].feature_mean,
-            feature_abs_mean=prof[ly.name].feature_abs_mean,
-            feature_norm=prof[ly.name].feature_norm,
-        )
-        for ly in layers
-    }
+    data = {ly.name: layer_data(adapter, ly, prof[ly.name], seed=ly.position) for ly in layers}
+    for ly in layers:  # what the group stage gives the similarities: the layer as it is, its whole profile
+        d = data[ly.name]
+        assert torch.equal(d.router_weight, adapter.router(ly).classifier.weight)
+        assert len(d.expert_weights) == N_EXPERTS and d.seed == ly.position
+        assert torch.equal(d.feature_norm, prof[ly.name].feature_norm)
+        assert torch.equal(d.frequency, prof[ly.name].frequency)
     names = merged_layer_names([(ly.name, ly.stack) for ly in layers], True, "both")
     freqs = {n: p.frequency for n, p in prof.items()}
     for similarity in ["router-logits", "router-weight", "expert-weight", "expert-feature"]:
@@ -274,3 +272,23 @@ def test_groups_from_a_real_routing_profile(tiny_model, rows):
         assert not groups["layers"][layers[0].name]["merged"]
         sim = torch.tensor(groups["layers"][names[0]]["similarity"])
         assert sim.shape == (N_EXPERTS, N_EXPERTS)
+
+
+def test_group_model_follows_the_group_section(tiny_model, rows):
+    adapter = adapter_for(tiny_model)
+    layers = adapter.sparse_layers(tiny_model)
+    prof = profile_routing(tiny_model, rows, PAD_ID, 16, torch.device("cpu"))
+    section = GroupParams(num_experts_avg=2, similarity="router-logits", ratio="uniform")
+    groups = group_model(adapter, layers, prof, section, seed=3)
+    names = merged_layer_names([(ly.name, ly.stack) for ly in layers], True, "both")
+    data = {
+        ly.name: layer_data(adapter, ly, prof[ly.name], seed=3 + ly.position)
+        for ly in layers
+        if ly.name in names
+    }
+    freqs = {n: p.frequency for n, p in prof.items()}
+    assert groups == group_experts(data, freqs, names, 2, "router-logits", "uniform", "sum-top1", False)
+    assert [len(groups["layers"][n]["groups"]) for n in names] == [2] * len(names)
+    # Only the first SMoE layer, which is kept: nothing is left to merge.
+    with pytest.raises(ValueError, match="no SMoE layer left to merge with group.layers=both"):
+        group_model(adapter, layers[:1], prof, section, seed=0)
