@@ -19,8 +19,7 @@ from pipeline.config import ParamsError, parse_params
 from pipeline.data import batches
 from pipeline.grouping import dominant_budget, group_experts, normalised_frequency
 from pipeline.training import KDSettings, freeze_routers, kd_loss, train
-from tests.conftest import CLASS_TARGETS, PAD_ID, logits
-from tests.test_training import _settings
+from tests.conftest import CLASS_TARGETS, PAD_ID, logits, train_settings
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +140,7 @@ def test_frozen_routers_are_unchanged_by_a_kd_step(tiny_model, rows):
     before = {n: [p.detach().clone() for p in r.parameters()] for n, r in routers.items()}
     experts_before = adapter.expert_weights(adapter.sparse_layers(tiny_model)[0], 0)["wi"].clone()
     assert freeze_routers(tiny_model) == sum(len(b) for b in before.values())
-    settings = _settings(router_aux_loss_coef=1e-2)
+    settings = train_settings(router_aux_loss_coef=1e-2)
     train(
         tiny_model,
         rows[:32],
