@@ -729,6 +729,8 @@ def _local_model_folder(name: str | None) -> Path | None:
     path = Path(name)
     if path.is_dir():
         return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return _cached_hub_folder(name)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
         return None
     try:
@@ -737,6 +739,18 @@ def _local_model_folder(name: str | None) -> Path | None:
     except Exception:  # not a package, or one that ships no model: a Hub id, checked when loaded
         return None
     return folder if folder.is_dir() else None
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """The local snapshot of Hub model ``repo_id`` whose config.json is already in the Hugging Face
+    cache (a file read, never a download), so a cached checkpoint is checked like a local folder."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed id or cache: the loader reports it
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _read_config_json(folder: Path) -> dict | None:

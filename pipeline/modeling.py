@@ -160,11 +160,33 @@ def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.
     return model
 
 
+def _config_dtype(config) -> torch.dtype:
+    """The floating dtype a saved config records (``dtype``, or ``torch_dtype`` in older files);
+    float32 where it records none."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _load_structured(path: Path, config, adapter, structure: dict) -> nn.Module:
     from safetensors.torch import load_file
 
-    model = adapter.model_class()(config)
-    adapter.apply_structure(model, structure["layers"])
+    # Built in the dtype the checkpoint was saved in: building in float32 and copying bfloat16
+    # weights in would double the memory of a bf16 model and silently change its numerics.
+    with _default_dtype(_config_dtype(config)):
+        model = adapter.model_class()(config)
+        adapter.apply_structure(model, structure["layers"])
     state = {}
     if (path / "model.safetensors").is_file():
         state = load_file(str(path / "model.safetensors"))

@@ -324,9 +324,15 @@ def load_choice_task(
         examples = _convert_rows(source, rows, spec.from_hub_row, f"the Hub's {spec.hub} columns")
     if not examples:
         raise DataError(f"{source} yields no example for zero-shot task {name!r}; expected {spec.expected}")
-    if max_samples is not None and max_samples < len(examples):
-        examples = random.Random(seed).sample(examples, max_samples)
-    return examples
+    return [examples[i] for i in subset_indices(len(examples), max_samples, seed)]
+
+
+def subset_indices(n: int, max_samples: int | None, seed: int) -> list[int]:
+    """Which of a split's ``n`` examples an evaluation of ``max_samples`` scores, in scoring order:
+    all of them in file order, or a seeded random subset (the same for every scorer)."""
+    if max_samples is None or max_samples >= n:
+        return list(range(n))
+    return random.Random(seed).sample(range(n), max_samples)
 
 
 WIKITEXT_FILE = "wikitext-2/{split}.txt"

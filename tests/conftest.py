@@ -184,3 +184,40 @@ def train_settings(**overrides) -> TrainSettings:
         eval_every_epochs=1.0,
     )
     return TrainSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def wiki_valid(data_dir) -> str:
+    """WikiText-2 valid, read from the offline data folder."""
+    from pipeline.zeroshot import load_wikitext
+
+    return load_wikitext(data_dir, "valid")
+
+
+@pytest.fixture(scope="session")
+def wiki_tokenizer(wiki_valid):
+    """Byte-level BPE (no bos token) trained on the first lines of WikiText-2 valid."""
+    from pipeline.data import train_bpe_tokenizer
+
+    lines = [line for line in wiki_valid.splitlines() if line.strip()][:300]
+    return train_bpe_tokenizer(lines, vocab_size=500, extra_tokens=[])
+
+
+@pytest.fixture(scope="session")
+def wiki_lm(wiki_tokenizer):
+    """A random 2-layer Mixtral (4 experts, top-2) over the tokenizer's vocabulary (do not mutate)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(wiki_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config).eval()

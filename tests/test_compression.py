@@ -17,7 +17,7 @@ from pipeline.compression import (
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, load_model, save_model
 from pipeline.moe import LowRankSparseLinear, linear_from_structure
-from tests.conftest import TINY, backward, logits, profiles_for
+from tests.conftest import TINY, backward, logits, profiles_for, train_settings
 
 FULL_RANK = min(TINY["d_model"], TINY["d_ff"])
 
@@ -274,24 +274,13 @@ def test_kd_training_with_pruning_keeps_only_models_at_target(tiny_model, rows):
     only once the target sparsity holds."""
     import copy
 
-    from pipeline.training import KDSettings, TrainSettings, train
+    from pipeline.training import KDSettings, train
 
     teacher = copy.deepcopy(tiny_model)
     model, adapter = _merged(tiny_model)
     compress_model(model, adapter, rank=4)
     pruner = SparsePruner(model, target=0.25, warmup_frac=0.1, cooldown_frac=0.25)
-    settings = TrainSettings(
-        epochs=4,
-        batch_size=16,
-        eval_batch_size=48,
-        lr=1e-3,
-        weight_decay=0.01,
-        warmup_steps=1,
-        max_grad_norm=1.0,
-        router_z_loss_coef=1e-3,
-        router_aux_loss_coef=1e-3,
-        eval_every_epochs=1.0,
-    )
+    settings = train_settings(epochs=4, eval_batch_size=48, lr=1e-3, weight_decay=0.01)
     summary = train(
         model,
         rows,

@@ -416,8 +416,30 @@ def test_checkpoint_checks_pass_on_a_fitting_checkpoint(tmp_path):
     parse_params(_from_checkpoint(_checkpoint(tmp_path, **SWITCH), **{"compress.rank": 31}))
 
 
-def test_hub_ids_and_custom_code_are_left_to_the_loader(tmp_path):
-    # Nothing is downloaded at validation: a Hub id is not checked here.
+def _hub_cache(monkeypatch, root: Path, repo_id: str | None = None, cfg: dict | None = None) -> None:
+    """Point the Hugging Face cache at ``root``, holding ``repo_id``'s config.json when given."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    if repo_id:
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("abc123")
+        (repo / "snapshots" / "abc123").mkdir(parents=True)
+        (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_cached_hub_checkpoint_is_checked_like_a_local_folder(tmp_path, monkeypatch):
+    _hub_cache(monkeypatch, tmp_path / "hub", "openai/gpt-oss-20b", {"model_type": "gpt_oss"})
+    with pytest.raises(
+        ParamsError, match="config.json has model_type 'gpt_oss'; that is no supported family"
+    ):
+        parse_params(_from_checkpoint("openai/gpt-oss-20b"))
+
+
+def test_hub_ids_and_custom_code_are_left_to_the_loader(tmp_path, monkeypatch):
+    # Nothing is downloaded at validation: a Hub id that is not in the local cache is not checked here.
+    _hub_cache(monkeypatch, tmp_path / "empty-hub")
     parse_params(_from_checkpoint("google/switch-base-8", **{"group.num_experts_avg": 100}))
     custom = _checkpoint(tmp_path, model_type="my_moe", auto_map={"AutoConfig": "x.Y"})
     parse_params(_from_checkpoint(custom))

@@ -14,21 +14,12 @@ from pipeline.checkpointing import STATE_FILE, Checkpointing, TrainingCheckpoint
 from pipeline.compression import SparsePruner, compress_model
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model
-from pipeline.training import KDSettings, TrainSettings, train
-from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB, profiles_for, stage_env
+from pipeline.training import KDSettings, train
+from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB, profiles_for, stage_env, train_settings
 
 CPU = torch.device("cpu")
-SETTINGS = TrainSettings(
-    epochs=3,
-    batch_size=8,
-    eval_batch_size=48,
-    lr=1e-3,
-    weight_decay=0.01,
-    warmup_steps=2,
-    max_grad_norm=1.0,
-    router_z_loss_coef=1e-3,
-    router_aux_loss_coef=1e-3,
-    eval_every_epochs=1.0,
+SETTINGS = train_settings(
+    epochs=3, batch_size=8, eval_batch_size=48, lr=1e-3, weight_decay=0.01, warmup_steps=2
 )
 TOTAL = 18  # 48 rows / 8 per batch x 3 epochs
 

@@ -339,3 +339,32 @@ def test_tiny_end_to_end_run(family, lm_data, tmp_path):
     assert ppl.compute(reloaded) < 10 * len(tok)
     example = ChoiceExample(("the game", "the game"), (" began", " xq"), 0)
     assert choice_accuracy(reloaded, tok, [example], 4, cpu)["examples"] == 1
+
+
+def _bf16(model):
+    """``model`` in bfloat16 as transformers loads a bf16 checkpoint: rotary frequencies stay float32."""
+    rotary = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model = model.to(torch.bfloat16)
+    for name, value in rotary.items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner), attr, value)
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_checkpoints_reload_in_bf16(family, tmp_path):
+    ids = _ids()
+    plain = _bf16(_model(family))
+    save_model(plain, tmp_path / "stock")
+    assert not (tmp_path / "stock" / "smoe_structure.json").is_file()
+    model = _model(family)
+    layers = [ly.name for ly in adapter_for(model).sparse_layers(model)][1:]
+    _merge_all(model, [[0, 1], [2, 3]], layers=layers)  # mixed expert counts: the structured loader
+    model = _bf16(model)
+    save_model(model, tmp_path / "merged")
+    assert (tmp_path / "merged" / "smoe_structure.json").is_file()
+    for saved, folder in ((plain, "stock"), (model, "merged")):
+        loaded = load_model(tmp_path / folder)
+        assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}, folder
+        torch.testing.assert_close(_logits(loaded, ids), _logits(saved, ids), atol=0, rtol=0)
+    assert torch.get_default_dtype() == torch.float32  # the loader leaves the process default alone

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.data import DataError, train_bpe_tokenizer
+from pipeline.data import DataError
 from pipeline.registry import UnknownChoiceError
 from pipeline.zeroshot import (
     ZERO_SHOT_TASKS,
@@ -34,38 +34,6 @@ CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------- fixtures and fake models
-
-
-@pytest.fixture(scope="module")
-def wiki_valid(data_dir) -> str:
-    return load_wikitext(data_dir, "valid")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(wiki_valid):
-    """Byte-level BPE (no bos token) trained on the first lines of WikiText-2 valid."""
-    lines = [line for line in wiki_valid.splitlines() if line.strip()][:300]
-    return train_bpe_tokenizer(lines, vocab_size=500, extra_tokens=[])
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tokenizer):
-    """A random 2-layer Mixtral (4 experts, top-2) over the tokenizer's vocabulary."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    return MixtralForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -395,19 +363,19 @@ def test_wikitext_hub_fallback(fake_hub):
         load_wikitext(None, "train")
 
 
-def test_lm_rows_are_consecutive_exact_blocks(tokenizer, wiki_valid):
+def test_lm_rows_are_consecutive_exact_blocks(wiki_tokenizer, wiki_valid):
     text = "\n".join(wiki_valid.splitlines()[:60]) + "\n"
-    stream = [t for line in text.splitlines(keepends=True) for t in _ids(tokenizer, line)]
-    rows = lm_rows(tokenizer, text, block_size=32)
+    stream = [t for line in text.splitlines(keepends=True) for t in _ids(wiki_tokenizer, line)]
+    rows = lm_rows(wiki_tokenizer, text, block_size=32)
     assert len(rows) == len(stream) // 32 > 3
     assert all(len(r["input_ids"]) == 32 and r["labels"] == r["input_ids"] and r["label"] == 0 for r in rows)
     assert [t for r in rows for t in r["input_ids"]] == stream[: 32 * len(rows)]
-    assert lm_rows(tokenizer, text, block_size=32, max_blocks=3) == rows[:3]
-    assert lm_rows(tokenizer, text, block_size=32, max_blocks=10**6) == rows
+    assert lm_rows(wiki_tokenizer, text, block_size=32, max_blocks=3) == rows[:3]
+    assert lm_rows(wiki_tokenizer, text, block_size=32, max_blocks=10**6) == rows
     with pytest.raises(DataError, match="fewer than one block of 32"):
-        lm_rows(tokenizer, " a short line\n", block_size=32)
+        lm_rows(wiki_tokenizer, " a short line\n", block_size=32)
     with pytest.raises(ValueError, match="block_size"):
-        lm_rows(tokenizer, text, block_size=1)
+        lm_rows(wiki_tokenizer, text, block_size=1)
 
 
 # ---------------------------------------------------------------- perplexity
@@ -425,9 +393,9 @@ def test_perplexity_of_uniform_model_is_vocab_size():
 
 
 @pytest.fixture(scope="module")
-def ragged_rows(tokenizer, wiki_valid) -> list[dict]:
+def ragged_rows(wiki_tokenizer, wiki_valid) -> list[dict]:
     """LM blocks cut to different lengths (so batches carry padding); one row ignores some labels."""
-    rows = lm_rows(tokenizer, wiki_valid, block_size=48, max_blocks=7)
+    rows = lm_rows(wiki_tokenizer, wiki_valid, block_size=48, max_blocks=7)
     out = []
     for i, r in enumerate(rows):
         n = 48 - 5 * i
@@ -438,45 +406,45 @@ def ragged_rows(tokenizer, wiki_valid) -> list[dict]:
     return out
 
 
-def test_perplexity_matches_manual_computation(tiny_lm, ragged_rows):
+def test_perplexity_matches_manual_computation(wiki_lm, ragged_rows):
     nll, count = 0.0, 0
     with torch.no_grad():
         for r in ragged_rows:
-            logits = tiny_lm(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            logits = wiki_lm(input_ids=torch.tensor([r["input_ids"]])).logits[0]
             target = torch.tensor(r["labels"][1:])
             nll += torch.nn.functional.cross_entropy(
                 logits[:-1], target, ignore_index=-100, reduction="sum"
             ).item()
             count += int((target != -100).sum())
-    out = perplexity(tiny_lm, ragged_rows, pad_id=0, batch_size=3, device=CPU)
+    out = perplexity(wiki_lm, ragged_rows, pad_id=0, batch_size=3, device=CPU)
     assert out["tokens"] == count == sum(len(r["input_ids"]) - 1 for r in ragged_rows) - 5
     assert out["nll"] == pytest.approx(nll / count, rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     # a random model is close to uniform over the vocabulary
-    assert 0.5 * tiny_lm.config.vocab_size < out["perplexity"] < 2 * tiny_lm.config.vocab_size
+    assert 0.5 * wiki_lm.config.vocab_size < out["perplexity"] < 2 * wiki_lm.config.vocab_size
 
 
-def test_row_nlls_are_the_perplexitys_parts(tiny_lm, ragged_rows):
-    nlls, counts = row_nlls(tiny_lm, ragged_rows, pad_id=0, batch_size=3, device=CPU)
+def test_row_nlls_are_the_perplexitys_parts(wiki_lm, ragged_rows):
+    nlls, counts = row_nlls(wiki_lm, ragged_rows, pad_id=0, batch_size=3, device=CPU)
     assert counts == [int((torch.tensor(r["labels"][1:]) != -100).sum()) for r in ragged_rows]
-    one = [row_nlls(tiny_lm, [r], 0, 1, CPU)[0][0] for r in ragged_rows]
+    one = [row_nlls(wiki_lm, [r], 0, 1, CPU)[0][0] for r in ragged_rows]
     assert nlls == pytest.approx(one, rel=1e-5)  # a row's sum does not depend on its batch
-    out = perplexity(tiny_lm, ragged_rows, 0, 3, CPU)
+    out = perplexity(wiki_lm, ragged_rows, 0, 3, CPU)
     assert out["nll"] == pytest.approx(sum(nlls) / sum(counts), rel=1e-6)
 
 
-def test_perplexity_independent_of_batching_and_pad_id(tiny_lm, ragged_rows):
-    ref = perplexity(tiny_lm, ragged_rows, pad_id=0, batch_size=1, device=CPU)["perplexity"]
+def test_perplexity_independent_of_batching_and_pad_id(wiki_lm, ragged_rows):
+    ref = perplexity(wiki_lm, ragged_rows, pad_id=0, batch_size=1, device=CPU)["perplexity"]
     for bs in (2, 4, len(ragged_rows)):
-        assert perplexity(tiny_lm, ragged_rows, 0, bs, CPU)["perplexity"] == pytest.approx(ref, rel=1e-5)
+        assert perplexity(wiki_lm, ragged_rows, 0, bs, CPU)["perplexity"] == pytest.approx(ref, rel=1e-5)
     # a pad id that also occurs in the text (eos used as pad) must not hide those tokens
     in_text = ragged_rows[0]["input_ids"][3]
-    assert perplexity(tiny_lm, ragged_rows, in_text, 7, CPU)["perplexity"] == pytest.approx(ref, rel=1e-5)
+    assert perplexity(wiki_lm, ragged_rows, in_text, 7, CPU)["perplexity"] == pytest.approx(ref, rel=1e-5)
 
 
-def test_perplexity_bfloat16_runs(tiny_lm, ragged_rows):
-    full = perplexity(tiny_lm, ragged_rows[:2], 0, 2, CPU)["perplexity"]
-    half = perplexity(tiny_lm, ragged_rows[:2], 0, 2, CPU, dtype="bfloat16")["perplexity"]
+def test_perplexity_bfloat16_runs(wiki_lm, ragged_rows):
+    full = perplexity(wiki_lm, ragged_rows[:2], 0, 2, CPU)["perplexity"]
+    half = perplexity(wiki_lm, ragged_rows[:2], 0, 2, CPU, dtype="bfloat16")["perplexity"]
     assert half == pytest.approx(full, rel=0.05)
 
 
@@ -484,88 +452,92 @@ def test_perplexity_bfloat16_runs(tiny_lm, ragged_rows):
 
 
 @pytest.mark.parametrize("with_bos", [False, True])
-def test_choice_scores_match_unbatched_forward(tiny_lm, tokenizer, mixed_examples, with_bos):
-    tok = tokenizer
+def test_choice_scores_match_unbatched_forward(wiki_lm, wiki_tokenizer, mixed_examples, with_bos):
+    tok = wiki_tokenizer
     if with_bos:
-        tok = copy.deepcopy(tokenizer)
+        tok = copy.deepcopy(wiki_tokenizer)
         tok.bos_token = "</s>"
     prefix = [tok.bos_token_id] if with_bos else []
-    scores = choice_loglikelihoods(tiny_lm, tok, mixed_examples, batch_size=5, device=CPU)
+    scores = choice_loglikelihoods(wiki_lm, tok, mixed_examples, batch_size=5, device=CPU)
     assert [len(s) for s in scores] == [len(e.continuations) for e in mixed_examples]
     for ex, got in zip(mixed_examples, scores, strict=True):
         for ctx, cont, s in zip(ex.contexts, ex.continuations, got, strict=True):
-            expected = _manual_score(tiny_lm, prefix + _ids(tok, ctx), _ids(tok, cont))
+            expected = _manual_score(wiki_lm, prefix + _ids(tok, ctx), _ids(tok, cont))
             assert s == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
-def test_choice_results_independent_of_batch_size(tiny_lm, tokenizer, mixed_examples):
-    ref = choice_loglikelihoods(tiny_lm, tokenizer, mixed_examples, batch_size=1, device=CPU)
+def test_choice_results_independent_of_batch_size(wiki_lm, wiki_tokenizer, mixed_examples):
+    ref = choice_loglikelihoods(wiki_lm, wiki_tokenizer, mixed_examples, batch_size=1, device=CPU)
     for bs in (3, 64):
-        got = choice_loglikelihoods(tiny_lm, tokenizer, mixed_examples, batch_size=bs, device=CPU)
+        got = choice_loglikelihoods(wiki_lm, wiki_tokenizer, mixed_examples, batch_size=bs, device=CPU)
         assert got == [pytest.approx(r, rel=1e-5, abs=1e-4) for r in ref]
-    accs = [choice_accuracy(tiny_lm, tokenizer, mixed_examples, bs, CPU) for bs in (1, 7)]
+    accs = [choice_accuracy(wiki_lm, wiki_tokenizer, mixed_examples, bs, CPU) for bs in (1, 7)]
     assert accs[0] == accs[1] and accs[0]["examples"] == len(mixed_examples)
 
 
-def test_model_preferring_one_token_answers_it(tokenizer):
-    (the,) = _ids(tokenizer, " the")
+def test_model_preferring_one_token_answers_it(wiki_tokenizer):
+    (the,) = _ids(wiki_tokenizer, " the")
     wrong = [" of", " and", " in"]
-    assert all(len(_ids(tokenizer, w)) == 1 for w in wrong)
+    assert all(len(_ids(wiki_tokenizer, w)) == 1 for w in wrong)
     examples = []
     for i in range(6):
         conts = list(wrong)
         conts.insert(i % 4, " the")
         examples.append(ChoiceExample((f"context number {i} is",) * 4, tuple(conts), i % 4))
-    model = ConstantLM(len(tokenizer), favourite=the)
-    out = choice_accuracy(model, tokenizer, examples, batch_size=5, device="cpu")
+    model = ConstantLM(len(wiki_tokenizer), favourite=the)
+    out = choice_accuracy(model, wiki_tokenizer, examples, batch_size=5, device="cpu")
     assert out == {"accuracy": 1.0, "accuracy_norm": 1.0, "examples": 6}
     # 24 pairs in batches of 5
     assert model.calls == 5
 
 
-def test_accuracy_norm_divides_by_continuation_bytes(tokenizer):
+def test_accuracy_norm_divides_by_continuation_bytes(wiki_tokenizer):
     short, long = " zx", " the of the and the"
-    n_short, n_long = len(_ids(tokenizer, short)), len(_ids(tokenizer, long))
+    n_short, n_long = len(_ids(wiki_tokenizer, short)), len(_ids(wiki_tokenizer, long))
     # uniform model: score = -n_tokens * log V, so fewer tokens win on acc, fewer tokens per byte on acc_norm
     assert n_short < n_long and n_short / len(short) > n_long / len(long)
     examples = [ChoiceExample(("a",) * 2, (short, long), 1), ChoiceExample(("b",) * 2, (long, short), 1)]
-    out = choice_accuracy(ConstantLM(len(tokenizer)), tokenizer, examples, batch_size=4, device="cpu")
+    out = choice_accuracy(
+        ConstantLM(len(wiki_tokenizer)), wiki_tokenizer, examples, batch_size=4, device="cpu"
+    )
     assert out == {"accuracy": 0.5, "accuracy_norm": 0.5, "examples": 2}
-    out = choice_accuracy(ConstantLM(len(tokenizer)), tokenizer, examples[:1], batch_size=4, device="cpu")
+    out = choice_accuracy(
+        ConstantLM(len(wiki_tokenizer)), wiki_tokenizer, examples[:1], batch_size=4, device="cpu"
+    )
     assert out["accuracy"] == 0.0 and out["accuracy_norm"] == 1.0
 
 
-def test_max_length_truncates_context_from_the_left(tiny_lm, tokenizer, mixed_examples):
+def test_max_length_truncates_context_from_the_left(wiki_lm, wiki_tokenizer, mixed_examples):
     ex = mixed_examples[-1]  # MRPC: a long context
-    ctx, cont = _ids(tokenizer, ex.contexts[0]), _ids(tokenizer, ex.continuations[1])
+    ctx, cont = _ids(wiki_tokenizer, ex.contexts[0]), _ids(wiki_tokenizer, ex.continuations[1])
     assert len(ctx) > 20
-    (got,) = choice_loglikelihoods(tiny_lm, tokenizer, [ex], 2, CPU, max_length=12)
+    (got,) = choice_loglikelihoods(wiki_lm, wiki_tokenizer, [ex], 2, CPU, max_length=12)
     seq = (ctx + cont)[-12:]
-    expected = _manual_score(tiny_lm, seq[: -len(cont)], cont)
+    expected = _manual_score(wiki_lm, seq[: -len(cont)], cont)
     assert got[1] == pytest.approx(expected, rel=1e-5, abs=1e-4)
     with pytest.raises(ValueError, match="max_length"):
-        choice_loglikelihoods(tiny_lm, tokenizer, [ex], 2, CPU, max_length=1)
+        choice_loglikelihoods(wiki_lm, wiki_tokenizer, [ex], 2, CPU, max_length=1)
 
 
-def test_training_mode_restored_and_suite_mean(tiny_lm, tokenizer, mixed_examples):
+def test_training_mode_restored_and_suite_mean(wiki_lm, wiki_tokenizer, mixed_examples):
     tasks = {"first": mixed_examples[:4], "second": mixed_examples[4:8]}
-    tiny_lm.train()
+    wiki_lm.train()
     try:
-        out = zero_shot_suite(tiny_lm, tokenizer, tasks, batch_size=8, device=CPU, dtype="float32")
-        assert tiny_lm.training
+        out = zero_shot_suite(wiki_lm, wiki_tokenizer, tasks, batch_size=8, device=CPU, dtype="float32")
+        assert wiki_lm.training
     finally:
-        tiny_lm.eval()
+        wiki_lm.eval()
     assert set(out) == {"first", "second", "mean_accuracy"}
     for name, examples in tasks.items():
-        assert out[name] == choice_accuracy(tiny_lm, tokenizer, examples, 8, CPU)
+        assert out[name] == choice_accuracy(wiki_lm, wiki_tokenizer, examples, 8, CPU)
     assert out["mean_accuracy"] == pytest.approx((out["first"]["accuracy"] + out["second"]["accuracy"]) / 2)
-    assert not tiny_lm.training
-    hits = zero_shot_hits(tiny_lm, tokenizer, tasks, 8, CPU)
+    assert not wiki_lm.training
+    hits = zero_shot_hits(wiki_lm, wiki_tokenizer, tasks, 8, CPU)
     for name, (h, h_norm) in hits.items():
         assert len(h) == len(h_norm) == len(tasks[name])
         assert sum(h) / len(h) == out[name]["accuracy"] and sum(h_norm) / len(h) == out[name]["accuracy_norm"]
     with pytest.raises(ValueError, match="at least one"):
-        zero_shot_suite(tiny_lm, tokenizer, {}, 8, CPU)
+        zero_shot_suite(wiki_lm, wiki_tokenizer, {}, 8, CPU)
 
 
 def test_accuracy_norm_counts_utf8_bytes_not_characters(monkeypatch):
