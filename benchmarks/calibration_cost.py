@@ -78,10 +78,10 @@ from torch.utils._pytree import tree_leaves
 from benchmarks.common import write_results
 from benchmarks.switch_base_32 import QUICK, SWITCH_BASE_32, build, random_rows
 from pipeline.ablations import apply_overrides, load_spec
-from pipeline.adapters import MoEAdapter, SparseLayer, adapter_for
 from pipeline.align import align_model
 from pipeline.config import Params, ParamsError, parse_params
 from pipeline.evaluation import model_memory_bytes
+from pipeline.families import MoEAdapter, SparseLayer, adapter_for
 from pipeline.grouping import GROUPING_METHODS, group_model, merged_layer_names
 from pipeline.merging import merge_model
 from pipeline.modeling import count_unique_params

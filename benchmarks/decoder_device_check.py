@@ -56,10 +56,10 @@ def family_configs(size: dict, vocab: int) -> dict[str, dict]:
 def run_family(family: str, cfg: dict, device: torch.device, dtype: str, n_rows: int, block: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from pipeline.adapters import adapter_for
     from pipeline.align import align_model
     from pipeline.compression import SparsePruner, compress_model, finalize_compact
     from pipeline.evaluation import expert_stats, speed_and_flops
+    from pipeline.families import adapter_for
     from pipeline.grouping import LayerData, group_experts, merged_layer_names
     from pipeline.merging import merge_model
     from pipeline.modeling import build_model, load_model, save_model

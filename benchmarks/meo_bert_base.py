@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import write_results
 from pipeline.meo import MoEFeedForward
 
-# Through pipeline.upcycle, which imports pipeline.adapters (the family registry) first.
+# Through pipeline.upcycle, which imports pipeline.families (the family registry) first.
 from pipeline.upcycle import ffn_layers, upcycle
 
 BERT_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_results
-from pipeline.adapters import adapter_for
 from pipeline.align import align_model
 from pipeline.compression import as_identity_merged, compress_model, finalize_compact, low_rank_sparse_modules
 from pipeline.evaluation import expert_stats, peak_forward_memory
+from pipeline.families import adapter_for
 from pipeline.grouping import group_experts, layer_data, merged_layer_names
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, count_unique_params, save_model

@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from pipeline.adapters import MoEAdapter, SparseLayer
+from pipeline.families import MoEAdapter, SparseLayer
 from pipeline.registry import Registry
 
 # An aligner returns, for one layer, a permutation of each expert's hidden neurons (None: leave as

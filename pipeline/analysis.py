@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.adapters import MoEAdapter
+from pipeline.families import MoEAdapter
 
 
 def stable_rank(matrix: torch.Tensor) -> float:

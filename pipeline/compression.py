@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.adapters import MoEAdapter, SparseLayer, set_submodule
+from pipeline.families import MoEAdapter, SparseLayer, set_submodule
 from pipeline.moe import S_AXIS_DIMS, LowRankSparseLinear
 from pipeline.registry import Registry
 

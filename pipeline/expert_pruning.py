@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.adapters import MoEAdapter, SparseLayer
+from pipeline.families import MoEAdapter, SparseLayer
 from pipeline.registry import Registry
 
 
@@ -84,7 +84,7 @@ class TaskSpecificPruner:
         def hook(module, _inputs, output):
             if not module.training:  # dev evaluations do not move the usage statistics
                 return
-            dispatch, _ = self.adapter.routing_from_output(output, n)
+            dispatch, _ = self.adapter.routing_from_output(output, n, layer)
             d = dispatch.reshape(-1, dispatch.shape[-1]).float()
             if masked and self._token_mask is not None and len(self._token_mask) == len(d):
                 d = d[self._token_mask.to(d.device)]

@@ -19,8 +19,8 @@ from pipeline.clustering import first_merges_labels
 from pipeline.registry import Registry
 
 if TYPE_CHECKING:
-    from pipeline.adapters import MoEAdapter, SparseLayer
     from pipeline.config import GroupParams
+    from pipeline.families import MoEAdapter, SparseLayer
     from pipeline.profiling import LayerProfile
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.adapters import ModelStructureError, MoEAdapter, SparseLayer
 from pipeline.clustering import first_merges_labels
+from pipeline.families import ModelStructureError, MoEAdapter, SparseLayer
 from pipeline.profiling import LayerProfile
 from pipeline.registry import Registry
 

@@ -14,8 +14,8 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.adapters import ADAPTERS, ModelStructureError, adapter_for
 from pipeline.checkpointing import first_non_finite
+from pipeline.families import ADAPTERS, ModelStructureError, adapter_for
 
 STRUCTURE_FILE = "smoe_structure.json"
 PARAMS_FILE = "params.yaml"
@@ -253,17 +253,20 @@ def save_model(
     # top-k capped at M) and loads in stock transformers; the structure file still lets this
     # project's loader restore routing.
     overrides = adapter.stock_config_overrides(model) or {}
-    before = {k: getattr(model.config, k) for k in overrides if hasattr(model.config, k)}
-    for key, value in overrides.items():
-        if key in before:
-            setattr(model.config, key, value)
+    # Keys may name a nested config ("ffn_config.moe_num_experts" of DBRX).
+    targets = {k: _config_slot(model.config, k) for k in overrides}
+    before = {k: getattr(obj, leaf) for k, (obj, leaf) in targets.items() if hasattr(obj, leaf)}
+    for key in before:
+        obj, leaf = targets[key]
+        setattr(obj, leaf, overrides[key])
     try:
         # Keys as the modules name them (fused experts stay fused): what this project's loader reads,
         # and what stock transformers 5 loads too.
         model.save_pretrained(str(folder), safe_serialization=True, save_original_format=False)
     finally:
         for key, value in before.items():
-            setattr(model.config, key, value)
+            obj, leaf = targets[key]
+            setattr(obj, leaf, value)
     structure = adapter.structure(model)
     if structure:
         (folder / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "layers": structure}, indent=1))
@@ -274,6 +277,14 @@ def save_model(
     if extra:
         for name, obj in extra.items():
             (folder / name).write_text(json.dumps(obj, indent=1))
+
+
+def _config_slot(config, key: str):
+    """``(object, attribute)`` that a dotted config key names."""
+    *path, leaf = key.split(".")
+    for part in path:
+        config = getattr(config, part)
+    return config, leaf
 
 
 def bytes_on_disk(folder: str | Path) -> int:

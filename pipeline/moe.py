@@ -186,7 +186,12 @@ def linear_from_structure(spec: dict) -> nn.Module:
     """Rebuild an (empty) linear module from :meth:`LowRankSparseLinear.structure`-style specs
     (or ``{"type": "linear", ...}``: a dense layer recorded because it carries a bias)."""
     if spec["type"] == "linear":
-        return nn.Linear(spec["in_features"], spec["out_features"], bias=bool(spec.get("bias", False)))
+        # Decoder structure files written before the families package named the sizes in/out.
+        return nn.Linear(
+            spec.get("in_features", spec.get("in")),
+            spec.get("out_features", spec.get("out")),
+            bias=bool(spec.get("bias", False)),
+        )
     if spec["type"] == "low_rank_sparse":
         # Models saved before S could be pruned by rows have neither "axis" nor "kept_units".
         kept = spec["kept_units"] if "kept_units" in spec else spec.get("kept_columns")

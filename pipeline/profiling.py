@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.adapters import ModelStructureError, MoEAdapter, SparseLayer, adapter_for
 from pipeline.data import DataError, batches, read_json
+from pipeline.families import ModelStructureError, MoEAdapter, SparseLayer, adapter_for
 
 
 @dataclass
@@ -182,7 +182,7 @@ def profile_routing(
         stack = "sequence" if layer.per_sequence else layer.stack
 
         def hook(_mod, inputs, output, name=layer.name, stack=stack, n=n_out, ly=layer):
-            dispatch, logits = adapter.routing_from_output(output, n)
+            dispatch, logits = adapter.routing_from_output(output, n, ly)
             keep = masks[stack].reshape(-1)
             d = dispatch.reshape(-1, dispatch.shape[-1])[keep].float()
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep].float()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.adapters import MoEAdapter
+from pipeline.families import ModelStructureError, MoEAdapter
 from pipeline.registry import Registry
 
 
@@ -77,6 +77,9 @@ def set_router_mode(model: nn.Module, adapter: MoEAdapter, mode: str) -> dict:
                 "on a merged model in 'remap' form"
             )
         plan = make(state["expert_map"], state["dominant"])
+        why = adapter.router_mode_refusal(mode, plan, layer)
+        if why:
+            raise ModelStructureError(f"{layer.name}: {why}")
         adapter.set_router(layer, plan, mode)
         report[layer.name] = {"router_outputs": plan.outputs, "experts": adapter.num_experts(layer)}
     if not report:
@@ -84,10 +87,30 @@ def set_router_mode(model: nn.Module, adapter: MoEAdapter, mode: str) -> dict:
     return report
 
 
-def router_mode_variants(model: nn.Module, adapter: MoEAdapter) -> dict[str, nn.Module]:
-    """Copies of a merged model in ``remap`` form, one under each router mode."""
+def router_mode_refusals(model: nn.Module, adapter: MoEAdapter) -> dict[str, str]:
+    """The router modes a merged model (in ``remap`` form) cannot take, each with the reason."""
     out = {}
     for mode in ROUTER_MODES.names():
+        make = ROUTER_MODES.get(mode)
+        for layer in adapter.sparse_layers(model):
+            state = adapter.merged_routing(layer)
+            if state is None:
+                continue
+            why = adapter.router_mode_refusal(mode, make(state["expert_map"], state["dominant"]), layer)
+            if why:
+                out[mode] = f"{layer.name}: {why}"
+                break
+    return out
+
+
+def router_mode_variants(model: nn.Module, adapter: MoEAdapter) -> dict[str, nn.Module]:
+    """Copies of a merged model in ``remap`` form, one under each router mode it can take (see
+    :func:`router_mode_refusals` for the others)."""
+    refused = router_mode_refusals(model, adapter)
+    out = {}
+    for mode in ROUTER_MODES.names():
+        if mode in refused:
+            continue
         variant = copy.deepcopy(model)
         set_router_mode(variant, adapter, mode)
         out[mode] = variant

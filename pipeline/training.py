@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.adapters import adapter_for
 from pipeline.checkpointing import (
     Checkpointing,
     TrainingDivergedError,
@@ -24,6 +23,7 @@ from pipeline.checkpointing import (
     set_rng_state,
 )
 from pipeline.data import DataError, batches
+from pipeline.families import adapter_for
 from pipeline.registry import Registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

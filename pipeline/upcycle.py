@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.adapters import ADAPTERS
-from pipeline.adapters_bert import ffn_layers
+from pipeline.families import ADAPTERS
+from pipeline.families.bert import ffn_layers
 from pipeline.meo import MoEFeedForward, check_layer, install_mask_hook
 from pipeline.modeling import STRUCTURE_FILE, CheckpointError, check_finite_weights, load_model
 from pipeline.sources import dense_source

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.align import align_model
 from pipeline.data import collate, load_prepared
+from pipeline.families import adapter_for
 from pipeline.modeling import atomic_dir, load_model, save_model
 from pipeline.profiling import load_profile
 from pipeline.training import model_forward

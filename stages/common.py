@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.adapters import ModelStructureError
 from pipeline.checkpointing import Checkpointing, TrainingCheckpointError, folder_digest
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.data import DataError
+from pipeline.families import ModelStructureError
 from pipeline.modeling import CheckpointError
 from stages import tracking
 

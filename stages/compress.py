@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 
-from pipeline.adapters import adapter_for
 from pipeline.compression import compress_model
 from pipeline.data import load_tokenizer
 from pipeline.evaluation import expert_stats
+from pipeline.families import adapter_for
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.routing import set_router_mode
 from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json

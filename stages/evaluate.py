@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.data import load_prepared
 from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference, lm_predictions
+from pipeline.families import adapter_for
 from pipeline.knockout import zero_experts
 from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.plots import accuracy_vs_size_figure

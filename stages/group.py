@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.adapters import adapter_for
+from pipeline.families import adapter_for
 from pipeline.grouping import group_model
 from pipeline.modeling import atomic_dir, load_model
 from pipeline.plots import plot_groups

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.adapters import adapter_for
 from pipeline.analysis import remaining_param_ratios
 from pipeline.compression import SparsePruner, finalize_compact
 from pipeline.data import load_prepared
 from pipeline.evaluation import expert_stats
 from pipeline.expert_pruning import KD_PRUNERS, TaskSpecificPruner, read_budget
+from pipeline.families import adapter_for
 from pipeline.modeling import (
     atomic_dir,
     count_unique_params,

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.adapters import adapter_for
 from pipeline.analysis import dominant_experts, expert_stable_ranks, stable_rank_change
 from pipeline.data import load_tokenizer, read_json
 from pipeline.evaluation import expert_stats
 from pipeline.expert_pruning import BUDGET_FILE
+from pipeline.families import adapter_for
 from pipeline.grouping import validate_groups
 from pipeline.merging import merge_model
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model

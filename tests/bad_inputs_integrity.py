@@ -81,8 +81,8 @@ def _kd_stage(argv: list[str]) -> None:
 
 def _kd_inputs(ctx: Ctx, vocab: int | None = None, teacher_edit=None, merged_edit=None, **overrides):
     """Teacher, merged, compressed and compressed-full models as the earlier stages save them."""
-    from pipeline.adapters import adapter_for
     from pipeline.compression import compress_model
+    from pipeline.families import adapter_for
     from pipeline.merging import merge_model
     from pipeline.modeling import save_model
     from tests.conftest import profiles_for

@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.align import (
     ALIGNERS,
     activation_matching_permutation,
     align_model,
     weight_matching_permutation,
 )
+from pipeline.families import adapter_for
 from pipeline.registry import UnknownChoiceError
 from tests.conftest import N_EXPERTS, TINY, logits
 

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.analysis import (
     dominant_experts,
     expert_stable_ranks,
@@ -15,6 +14,7 @@ from pipeline.analysis import (
 )
 from pipeline.compression import SparsePruner, compress_model, finalize_compact
 from pipeline.evaluation import model_memory_bytes, peak_forward_memory
+from pipeline.families import adapter_for
 from pipeline.merging import merge_model
 from pipeline.plots import plot_remaining_params, plot_stable_rank_change
 from pipeline.training import score_classes

@@ -441,7 +441,7 @@ def test_bad_input_stops_the_stage_with_a_clear_message(
 
 
 def test_a_model_built_without_smoe_layers_is_refused():
-    from pipeline.adapters import ModelStructureError
+    from pipeline.families import ModelStructureError
 
     with pytest.raises(ModelStructureError, match="no SMoE layer"):
         build_model(

@@ -13,8 +13,8 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 
 import pipeline.profiling as profiling
-from pipeline.adapters import ADAPTERS, ModelStructureError, adapter_for
 from pipeline.data import batches
+from pipeline.families import ADAPTERS, ModelStructureError, adapter_for
 from pipeline.grouping import (
     GROUPING_METHODS,
     SIMILARITIES,

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from pipeline.adapters import ModelStructureError, SwitchAdapter, adapter_for
 from pipeline.align import activation_matching_permutation
 from pipeline.compression import compress_model, finalize_compact
+from pipeline.families import ModelStructureError, adapter_for
+from pipeline.families.switch import SwitchAdapter
 from pipeline.merging import (
     MERGE_STRATEGIES,
     REPAIRS,

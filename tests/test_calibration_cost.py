@@ -12,7 +12,7 @@ import torch
 from benchmarks.calibration_cost import ModelSnapshot, PeakTensorBytes, calibrate, load_methods, main
 from benchmarks.switch_base_32 import QUICK, build, random_rows
 from pipeline.ablations import load_spec
-from pipeline.adapters import adapter_for
+from pipeline.families import adapter_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--quick", "--num-samples", "4", "--seq-len", "16", "--target-len", "4"]

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.compression import (
     PRUNE_AXES,
     PRUNE_SCORES,
@@ -14,6 +13,7 @@ from pipeline.compression import (
     kept_ratio,
     low_rank_sparse_modules,
 )
+from pipeline.families import adapter_for
 from pipeline.merging import merge_model
 from pipeline.modeling import bytes_on_disk, load_model, save_model
 from pipeline.moe import LowRankSparseLinear, linear_from_structure

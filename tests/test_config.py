@@ -204,18 +204,31 @@ def test_every_dvc_dep_exists(dvc_file):
             assert made or (ROOT / dep).exists(), f"stage {name}: dep {dep} missing"
 
 
+def _module_file(module: str) -> str | None:
+    """The source file of a project module (a package's ``__init__.py``), relative to the root."""
+    path = module.replace(".", "/")
+    if (ROOT / f"{path}.py").is_file():
+        return f"{path}.py"
+    if (ROOT / path / "__init__.py").is_file():
+        return f"{path}/__init__.py"
+    return None
+
+
 def _project_imports(module: str) -> set[str]:
     """Modules of this project that ``module`` imports anywhere in its source."""
-    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    tree = ast.parse((ROOT / _module_file(module)).read_text())
     found = set()
     for node in ast.walk(tree):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
         if names and (ROOT / names[0].replace(".", "/")).is_dir():
-            # `from stages import tracking`: the names are the package's modules.
-            names = [f"{node.module}.{a.name}" for a in node.names]
+            # `from stages import tracking`: the names are the package's modules (or, when they
+            # are not modules, names the package's __init__ defines).
+            names = [node.module] + [
+                f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}")
+            ]
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        found |= {n for n in names if n.split(".")[0] in ("pipeline", "stages")}
+        found |= {n for n in names if n.split(".")[0] in ("pipeline", "stages") and _module_file(n)}
     return found
 
 
@@ -232,8 +245,13 @@ def test_every_stage_lists_the_library_modules_it_imports(dvc_file):
                 seen.add(mod)
                 if mod != "pipeline.config":
                     todo.extend(_project_imports(mod))
-        needed = {m.replace(".", "/") + ".py" for m in seen} - {"pipeline/config.py", "pipeline/registry.py"}
-        missing = sorted(needed - set(stage["deps"]))
+        needed = {_module_file(m) for m in seen} - {"pipeline/config.py", "pipeline/registry.py"}
+        needed -= {"pipeline/__init__.py", "stages/__init__.py"}
+        # A folder dep (a package) covers every module in it.
+        folders = [d for d in stage["deps"] if (ROOT / d).is_dir()]
+        missing = sorted(
+            m for m in needed if m not in stage["deps"] and not any(m.startswith(f + "/") for f in folders)
+        )
         assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them as deps"
 
 
@@ -431,10 +449,11 @@ def _hub_cache(monkeypatch, root: Path, repo_id: str | None = None, cfg: dict | 
 
 def test_a_cached_hub_checkpoint_is_checked_like_a_local_folder(tmp_path, monkeypatch):
     _hub_cache(monkeypatch, tmp_path / "hub", "openai/gpt-oss-20b", {"model_type": "gpt_oss"})
-    with pytest.raises(
-        ParamsError, match="config.json has model_type 'gpt_oss'; that is no supported family"
-    ):
+    with pytest.raises(ParamsError, match="config.json has model_type 'gpt_oss'; set model.family: gpt_oss"):
         parse_params(_from_checkpoint("openai/gpt-oss-20b"))
+    _hub_cache(monkeypatch, tmp_path / "hub2", "acme/dense-7b", {"model_type": "llama"})
+    with pytest.raises(ParamsError, match="config.json has model_type 'llama'; that is no supported family"):
+        parse_params(_from_checkpoint("acme/dense-7b"))
 
 
 def test_hub_ids_and_custom_code_are_left_to_the_loader(tmp_path, monkeypatch):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.config import GroupParams
+from pipeline.families import adapter_for
 from pipeline.grouping import (
     SIMILARITIES,
     LayerData,

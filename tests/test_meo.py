@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.adapters import ModelStructureError, adapter_for
 from pipeline.align import align_model
 from pipeline.config import ParamsError, parse_params
+from pipeline.families import ModelStructureError, adapter_for
 from pipeline.meo import MOE_LAYERS, MoEFeedForward, NoisyTopKGate, TokenBlock, check_layer, masked_mean
 from pipeline.merging import merge_model
 from pipeline.modeling import load_model, save_model

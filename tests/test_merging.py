@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.adapters import MergedSwitchSparseMLP, adapter_for
+from pipeline.families import adapter_for
+from pipeline.families.switch import MergedSwitchSparseMLP
 from pipeline.merging import MERGE_STRATEGIES, merge_expert_weights, merge_model
 from pipeline.modeling import STRUCTURE_FILE, bytes_on_disk, count_unique_params, load_model, save_model
 from pipeline.profiling import LayerProfile

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adapters import ModelStructureError, adapter_for
+from pipeline.families import ModelStructureError, adapter_for
 from pipeline.modeling import (
     CheckpointError,
     atomic_dir,

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.adapters import adapter_for
 from pipeline.align import align_model, weight_matching_permutation
 from pipeline.config import ParamsError, parse_params
 from pipeline.data import batches
+from pipeline.families import adapter_for
 from pipeline.grouping import dominant_budget, group_experts, normalised_frequency
 from pipeline.training import KDSettings, freeze_routers, kd_loss, train
 from tests.conftest import CLASS_TARGETS, PAD_ID, logits, train_settings

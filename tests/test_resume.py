@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.checkpointing import STATE_FILE, Checkpointing, TrainingCheckpointError
 from pipeline.compression import SparsePruner, compress_model
+from pipeline.families import adapter_for
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model
 from pipeline.training import KDSettings, train

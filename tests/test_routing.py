@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adapters import LogSumExpGroupRouter, MergedSwitchSparseMLP, adapter_for
 from pipeline.compression import as_identity_merged, compress_model, finalize_compact, low_rank_sparse_modules
+from pipeline.families import adapter_for
+from pipeline.families.switch import LogSumExpGroupRouter, MergedSwitchSparseMLP
 from pipeline.merging import merge_model
 from pipeline.modeling import STRUCTURE_FILE, count_unique_params, load_model, save_model
 from pipeline.moe import LowRankSparseLinear

@@ -143,8 +143,8 @@ def test_weights_with_non_finite_values_are_refused_naming_the_tensor(tiny_dir, 
 
 
 def test_saved_merged_models_with_nan_are_refused(tiny_model, tmp_path):
-    from pipeline.adapters import adapter_for
     from pipeline.compression import compress_model
+    from pipeline.families import adapter_for
     from pipeline.modeling import save_model
 
     compress_model(tiny_model, adapter_for(tiny_model), rank=4, scope="all")

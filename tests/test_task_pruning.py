@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.expert_pruning import KD_PRUNERS, TaskSpecificPruner
+from pipeline.families import adapter_for
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model
 from pipeline.registry import UnknownChoiceError

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from pipeline.adapters import ADAPTERS, adapter_for
 from pipeline.align import align_model
 from pipeline.compression import SparsePruner, compress_model, finalize_compact
 from pipeline.data import batches, train_bpe_tokenizer
 from pipeline.evaluation import expert_stats, speed_and_flops
+from pipeline.families import ADAPTERS, adapter_for
 from pipeline.grouping import LayerData, group_experts, merged_layer_names, validate_groups
 from pipeline.merging import merge_model
 from pipeline.modeling import build_model, load_model, save_model
@@ -212,10 +212,10 @@ def test_compact_save_loads_in_stock_transformers(family, groups, tmp_path):
     out = _logits(model, ids)
     save_model(model, tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    assert getattr(config, ADAPTERS.get(family).num_experts_key) == len(groups)
+    assert getattr(config, ADAPTERS.get(family).spec.config_experts) == len(groups)
     assert config.num_experts_per_tok == min(2, len(groups))  # top-k capped at the new count
     stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(stock).__name__ == ADAPTERS.get(family).causal_lm_class
+    assert type(stock).__name__ == ADAPTERS.get(family).spec.causal_lm
     torch.testing.assert_close(_logits(stock, ids), out, atol=1e-5, rtol=1e-4)
     # This project's loader restores the same model from the same folder.
     torch.testing.assert_close(_logits(load_model(tmp_path), ids), out)
@@ -231,7 +231,7 @@ def test_mixed_expert_counts_are_not_claimed_stock_loadable(family, tmp_path):
     set_router_mode(model, adapter_for(model), "prune")
     save_model(model, tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    assert getattr(config, ADAPTERS.get(family).num_experts_key) == 4  # first layer keeps 4: unchanged
+    assert getattr(config, ADAPTERS.get(family).spec.config_experts) == 4  # first layer keeps 4: unchanged
     assert (tmp_path / "smoe_structure.json").is_file()
     ids = _ids()
     torch.testing.assert_close(_logits(load_model(tmp_path), ids), _logits(model, ids))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.adapters import adapter_for
 from pipeline.data import collate
+from pipeline.families import adapter_for
 from pipeline.profiling import load_profile, profile_routing, save_profile
 from pipeline.training import (
     evaluate_accuracy,

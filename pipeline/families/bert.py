@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.adapters import (
+from pipeline.families.base import (
     ADAPTERS,
     ModelStructureError,
     MoEAdapter,
@@ -86,7 +86,9 @@ class BertMoEAdapter(MoEAdapter):
     def router_weight(self, layer: SparseLayer) -> torch.Tensor:
         return layer.module.gates[0].weight.detach()
 
-    def routing_from_output(self, output, num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def routing_from_output(
+        self, output, num_outputs: int, layer: SparseLayer | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         gates, logits, _aux = output
         return (gates > 0).long(), logits
 
@@ -271,7 +273,4 @@ class BertMoEAdapter(MoEAdapter):
         install_mask_hook(model.base_model)
 
 
-def register() -> None:
-    """Add the BERT family to the adapter registry (idempotent)."""
-    if BertMoEAdapter.model_type not in ADAPTERS:
-        ADAPTERS.register(BertMoEAdapter.model_type)(BertMoEAdapter())
+ADAPTERS.register(BertMoEAdapter.model_type)(BertMoEAdapter())

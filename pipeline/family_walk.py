@@ -1,0 +1,307 @@
+"""The family walk: every MoE model type of the installed transformers, built tiny and checked.
+
+For each model type whose modeling code has an experts module, :func:`walk_family` builds a tiny
+random model from the type's config class and, when a family adapter supports it, runs the
+lossless checks: the router semantics reproduce the stock router's choice; weight-matching
+alignment, the identity merge (every expert its own group) under each router mode it defines,
+full-rank compression and save/reload leave the logits unchanged; and a uniform pruned merge
+saved by :func:`~pipeline.modeling.save_model` loads in stock transformers with the same logits.
+A type no adapter supports is reported with a one-line reason. ``tests/test_family_walk.py`` runs
+it and ``scripts/family_table.py`` writes the README's family table from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.families import ADAPTERS, ModelStructureError
+from pipeline.families.routers import parse_output
+
+#: Small values for the config keys most families share; a family's ``tiny`` overrides them.
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 24,
+    "shared_expert_intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_k": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 0,
+    "n_group": 2,
+    "topk_group": 1,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "tie_word_embeddings": False,
+    # Switch Transformers
+    "d_model": 32,
+    "d_ff": 48,
+    "d_kv": 8,
+    "num_heads": 4,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_sparse_encoder_layers": 1,
+    "num_sparse_decoder_layers": 1,
+}
+
+#: Model types the walk knows are no single-stack MoE language model, and why.
+KNOWN_UNSUPPORTED: dict[str, str] = {}
+
+
+@dataclass
+class WalkResult:
+    """One model type's outcome: ``supported`` when every check passed."""
+
+    model_type: str
+    supported: bool
+    reason: str = ""
+    checks: dict[str, str] = field(default_factory=dict)  # check -> "ok" or what failed
+    semantics: str = ""
+    layout: str = ""
+    modes: list[str] = field(default_factory=list)  # router modes defined for the family
+    shared: bool = False
+
+
+def moe_model_types() -> list[str]:
+    """Every model type of the installed transformers whose modeling code holds an experts module."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    root = Path(transformers.__file__).parent / "models"
+    found = []
+    for model_type in sorted(CONFIG_MAPPING_NAMES):
+        folder = root / model_type_to_module_name(model_type)
+        texts = [p.read_text() for p in folder.glob("modeling_*.py")] if folder.is_dir() else []
+        if any(re.search(r"self\.experts\s*=", t) for t in texts):
+            found.append(model_type)
+    return found
+
+
+def _config_class(model_type: str) -> type:
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type]
+
+
+def tiny_config(model_type: str, adapter=None):
+    """A small config of ``model_type``: its defaults with :data:`TINY` where it has those keys,
+    the token ids the adapter gives a model built from scratch, and the family's own overrides."""
+    cls = _config_class(model_type)
+    defaults = cls().to_dict()
+    aliases = getattr(cls, "attribute_map", {}) or {}
+    kwargs = {aliases.get(k, k): v for k, v in TINY.items() if k in defaults or k in aliases}
+    if adapter is not None:
+        kwargs.update(adapter.config_defaults(TINY["vocab_size"], 0, 1))
+        kwargs.update(dict(getattr(getattr(adapter, "spec", None), "tiny", {}) or {}))
+    return cls(**kwargs)
+
+
+def _text_model_type(config) -> str | None:
+    text = getattr(config, "text_config", None)
+    return getattr(text, "model_type", None) if text is not None else None
+
+
+def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def _inputs(adapter, model, ids: torch.Tensor) -> dict:
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return adapter.task_inputs(model, batch)
+
+
+@torch.no_grad()
+def _logits(adapter, model, ids) -> torch.Tensor:
+    return adapter.forward(model, **_inputs(adapter, model, ids)).logits.float()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    err = float((a - b).abs().max())
+    if err > 1e-4 * (1.0 + float(b.abs().max())):
+        raise AssertionError(f"{what}: logits moved by {err:.2e}")
+
+
+def _decisive_routers(adapter, model, seed: int) -> None:
+    """Router weights of unit scale (and small random correction biases), so that top-k choices
+    are far from ties and float rounding cannot flip them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter.sparse_layers(model):
+            for p in adapter.router(layer).parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() > 1 else 0.1))
+            for name, b in adapter.router(layer).named_buffers():
+                if b.is_floating_point() and "bias" in name:
+                    b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+
+
+def _merge(model, adapter, groups_of) -> None:
+    """Frequency-merge every SMoE layer with the groups ``groups_of(num_experts)``."""
+    from pipeline.merging import merge_model
+    from pipeline.profiling import LayerProfile
+
+    spec, profiles = {"layers": {}}, {}
+    for ly in adapter.sparse_layers(model):
+        n = adapter.num_experts(ly)
+        counts = torch.arange(n, 0, -1).float()  # expert 0 most used: dominant of its group
+        profiles[ly.name] = LayerProfile(ly.name, counts, int(counts.sum()), torch.zeros(1, n))
+        spec["layers"][ly.name] = {"merged": True, "groups": groups_of(n)}
+    merge_model(model, adapter, spec, profiles, "frequency")
+
+
+def _check_semantics(adapter, model, ids) -> None:
+    """The registered semantics, applied to the stock router's logits, gives the stock choice."""
+    seen = []
+    layers = adapter.sparse_layers(model)
+    hooks = [
+        adapter.router(ly).register_forward_hook(lambda _m, _i, out, ly=ly: seen.append((ly, out)))
+        for ly in layers
+    ]
+    try:
+        _logits(adapter, model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for ly, out in seen:
+        kind = adapter.spec.output
+        logits, weights, idx = parse_output(kind, out)
+        if weights is None and kind == "dense-scores":
+            scores = out[0].reshape(-1, out[0].shape[-1]).float()
+        elif weights is None:
+            continue  # the block routes from the logits: the identity merge checks it
+        else:
+            scores = torch.zeros_like(logits, dtype=torch.float).scatter(1, idx, weights.float())
+        w, i = adapter.semantics.select(logits.float(), adapter.params(ly), None)
+        mine = torch.zeros_like(logits, dtype=torch.float).scatter(1, i, w.float())
+        if not torch.allclose(mine, scores, atol=1e-5, rtol=1e-4):
+            raise AssertionError(f"{adapter.spec.semantics} differs from the stock router of {ly.name}")
+
+
+def _stock_reload(adapter, model, ids, folder: Path) -> None:
+    from pipeline.modeling import save_model
+    from pipeline.routing import set_router_mode
+
+    _merge(model, adapter, lambda n: [[e, e + 1] for e in range(0, n, 2)])
+    set_router_mode(model, adapter, "prune")
+    expected = _logits(adapter, model, ids)
+    if adapter.stock_config_overrides(model) is None:
+        raise AssertionError("a uniform pruned merge is not in the stock layout")
+    save_model(model, folder)
+    stock = adapter.model_class().from_pretrained(str(folder)).eval()
+    _close(_logits(adapter, stock, ids), expected, "stock reload of a uniform pruned merge")
+
+
+def _run_checks(adapter, model_type: str, result: WalkResult, seed: int) -> None:
+    from pipeline.align import align_model
+    from pipeline.compression import compress_model
+    from pipeline.modeling import load_model, save_model
+    from pipeline.routing import ROUTER_MODES, set_router_mode
+
+    spec = getattr(adapter, "spec", None)
+    config = tiny_config(model_type, adapter)
+    torch.manual_seed(seed)
+    model = adapter.model_class()(config).eval()
+    layers = adapter.sparse_layers(model)
+    if not layers:
+        raise ModelStructureError("the tiny model has no SMoE layer")
+    for ly in layers:
+        if hasattr(adapter, "check_block"):
+            adapter.check_block(ly)
+    result.shared = any(adapter.shared_experts(ly) for ly in layers)
+    if spec is not None:
+        result.semantics = spec.semantics
+        ex = ly.module.experts
+        result.layout = adapter._layout(ex).name
+    _decisive_routers(adapter, model, seed)
+    ids = _ids(int(getattr(config, "vocab_size", 96)), seed)
+    reference = _logits(adapter, model, ids)
+
+    def check(name: str, fn) -> None:
+        fn()
+        result.checks[name] = "ok"
+
+    if spec is not None:
+        check("semantics", lambda: _check_semantics(adapter, model, ids))
+
+    def aligned():
+        m = copy.deepcopy(model)
+        align_model(m, adapter, "weight-matching", "first")
+        _close(_logits(adapter, m, ids), reference, "alignment")
+
+    check("alignment", aligned)
+    identity = copy.deepcopy(model)
+    _merge(identity, adapter, lambda n: [[e] for e in range(n)])
+    _close(_logits(adapter, identity, ids), reference, "identity merge (remap)")
+    for mode in ROUTER_MODES.names():
+        if mode == "remap":
+            continue
+        if adapter.router_mode_refusal(mode, None, adapter.sparse_layers(identity)[0]):
+            continue
+        variant = copy.deepcopy(identity)
+        set_router_mode(variant, adapter, mode)
+        _close(_logits(adapter, variant, ids), reference, f"identity merge ({mode})")
+        result.modes.append(mode)
+    result.modes.insert(0, "remap")
+    result.checks["identity merge"] = "ok"
+
+    def full_rank():
+        ly = adapter.sparse_layers(identity)[0]
+        rank = min(min(w.shape) for w in adapter.expert_weights(ly, 0).values() if w.dim() == 2)
+        compress_model(identity, adapter, rank, "all")
+        _close(_logits(adapter, identity, ids), reference, "full-rank compression")
+
+    check("full-rank compression", full_rank)
+    with tempfile.TemporaryDirectory(prefix="walk-") as tmp:
+
+        def reload():
+            save_model(identity, Path(tmp) / "compressed")
+            _close(_logits(adapter, load_model(Path(tmp) / "compressed"), ids), reference, "save/reload")
+
+        check("save/reload", reload)
+        check("stock reload", lambda: _stock_reload(adapter, copy.deepcopy(model), ids, Path(tmp) / "pruned"))
+
+
+def walk_family(model_type: str, seed: int = 0) -> WalkResult:
+    """Build a tiny ``model_type`` and run the lossless checks, or say why it is not supported."""
+    if model_type in KNOWN_UNSUPPORTED:
+        return WalkResult(model_type, False, KNOWN_UNSUPPORTED[model_type])
+    if model_type not in ADAPTERS:
+        try:
+            text = _text_model_type(_config_class(model_type)())
+        except Exception:  # a config that cannot be built with its defaults
+            text = None
+        if text and text != model_type:
+            return WalkResult(
+                model_type, False, f"composite (multimodal) model: its language model is model type {text!r}"
+            )
+        return WalkResult(
+            model_type, False, "no adapter: its router and experts are not described in the catalog"
+        )
+    result = WalkResult(model_type, True)
+    try:
+        _run_checks(ADAPTERS.get(model_type), model_type, result, seed)
+    except Exception as err:  # any failure is this family's result, not the walk's
+        last = traceback.extract_tb(err.__traceback__)[-1]
+        result.supported = False
+        result.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({Path(last.filename).name}:{last.lineno})"
+    return result
+
+
+def walk(model_types: list[str] | None = None) -> list[WalkResult]:
+    """:func:`walk_family` over ``model_types`` (default: every MoE type of transformers)."""
+    return [walk_family(t) for t in (model_types or moe_model_types())]
