@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines benchmark benchmark-meo benchmark-calibration mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -50,6 +50,11 @@ ablations: repro
 baselines: repro repro-llm
 	$(PY) -m scripts.ablations --spec baselines.yaml $(ARGS)
 	$(PY) -m scripts.ablations --spec baselines_llm.yaml $(ARGS)
+
+# Walk every MoE model type of the installed transformers (tiny random models, lossless checks)
+# and rewrite the README's family table from it (about a minute).
+families:
+	$(PY) -m scripts.family_table --write README.md
 
 # switch-base-32-size random models on this machine: merge cost, speed, memory, size (15-20 min, 16 GB RAM).
 benchmark:

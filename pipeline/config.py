@@ -548,6 +548,9 @@ class Params(_Section):
                         f"{key}={value} needs gradients from profiling: set profile.gradients: true"
                     )
         self._check_methods()
+        refusal = ADAPTERS.get(self.model.family).router_mode_refusal(self.merge.router)
+        if refusal:
+            raise ValueError(f"{refusal} ({self.model.family})")
         self._check_expert_shapes()
         return self
 
@@ -578,22 +581,25 @@ class Params(_Section):
         from pipeline.families import ADAPTERS
 
         adapter = ADAPTERS.get(self.model.family)
-        count_keys = (getattr(adapter, "num_experts_key", "num_experts"), *_EXPERT_COUNT_KEYS)
-        width_keys = _EXPERT_WIDTHS.get(self.model.family, _DEFAULT_WIDTHS)
+        count_keys = tuple(dict.fromkeys(adapter.expert_count_keys()))
         if self.model.config is not None:
             cls, defaults, _ = _config_defaults(self.model.family)
             aliases = getattr(cls, "attribute_map", {})
             given = {aliases.get(k, k): (k, v) for k, v in self.model.config.items()}
+            width_keys = adapter.expert_width_keys({**defaults, **{k: v for k, (_, v) in given.items()}})
 
             def value(key: str) -> tuple[Any, str]:
-                if key in given:
-                    return given[key][1], f"model.config.{given[key][0]}"
-                return defaults.get(key), f"model.config.{key}"
+                head = key.split(".")[0]
+                if head in given:
+                    return _dig(
+                        {head: given[head][1]}, key
+                    ), f"model.config.{given[head][0]}{key[len(head) :]}"
+                return _dig(defaults, key), f"model.config.{key}"
 
             where, default_of = "", cls.__name__
-            counts = [(*value(k), k in given) for k in count_keys]
+            counts = [(*value(k), k.split(".")[0] in given) for k in count_keys]
             count_where = where
-            widths = {k: (*value(k), k in given) for k in width_keys}
+            widths = {k: (*value(k), k.split(".")[0] in given) for k in width_keys}
         else:
             folder = _local_model_folder(self.model.name_or_path)
             cfg = _read_config_json(folder) if folder is not None else None
@@ -604,12 +610,13 @@ class Params(_Section):
             if self.upcycle is not None and self.merge_source is None:
                 return  # group and compress only run on a merge_source variant
             where, default_of = f" of the checkpoint ({folder / 'config.json'})", ""
-            counts = [(cfg.get(k), k, True) for k in count_keys]
+            width_keys = adapter.expert_width_keys(cfg)
+            counts = [(_dig(cfg, k), k, True) for k in count_keys]
             count_where = where
             if self.upcycle is not None:
                 # A dense checkpoint: its experts are the ones upcycling makes.
                 counts, count_where = [(self.upcycle.num_experts, "upcycle.num_experts", True)], ""
-            widths = {k: (cfg.get(k), k, True) for k in width_keys}
+            widths = {k: (_dig(cfg, k), k, True) for k in width_keys}
         for n, name, explicit in counts:
             if isinstance(n, int) and not isinstance(n, bool):
                 if self.group.num_experts_avg > n:
@@ -707,16 +714,12 @@ class Params(_Section):
             )
 
 
-# Config keys of the number of routed experts, after the family adapter's own.
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-# Config keys of an expert's two matrix widths: compression factors each expert matrix, so its rank
-# must stay below the smaller one. Qwen-MoE's intermediate_size is its dense MLPs', not the experts'.
-_EXPERT_WIDTHS = {
-    "switch_transformers": ("d_model", "d_ff"),
-    "qwen2_moe": ("hidden_size", "moe_intermediate_size"),
-    "qwen3_moe": ("hidden_size", "moe_intermediate_size"),
-}
-_DEFAULT_WIDTHS = ("hidden_size", "intermediate_size")
+def _dig(values: dict, key: str) -> Any:
+    """``values[a][b]`` for a dotted key ``a.b`` (a nested config, e.g. DBRX's ffn_config); None
+    where any part is missing."""
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else getattr(values, part, None)
+    return values
 
 
 def _local_model_folder(name: str | None) -> Path | None:

@@ -305,3 +305,20 @@ def walk_family(model_type: str, seed: int = 0) -> WalkResult:
 def walk(model_types: list[str] | None = None) -> list[WalkResult]:
     """:func:`walk_family` over ``model_types`` (default: every MoE type of transformers)."""
     return [walk_family(t) for t in (model_types or moe_model_types())]
+
+
+def family_table(results: list[WalkResult]) -> str:
+    """The README's family table (markdown): supported families first, then the rest with reasons."""
+    lines = [
+        "| model type | router semantics | experts layout | router modes | shared experts |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in results if r.supported), key=lambda r: r.model_type):
+        lines.append(
+            f"| `{r.model_type}` | {r.semantics or 'top-1 with capacity'} | {r.layout or 'module per expert'} "
+            f"| {', '.join(r.modes)} | {'kept as is' if r.shared else ''} |"
+        )
+    lines += ["", "| model type | not supported because |", "|---|---|"]
+    for r in sorted((r for r in results if not r.supported), key=lambda r: r.model_type):
+        lines.append(f"| `{r.model_type}` | {r.reason} |")
+    return "\n".join(lines) + "\n"

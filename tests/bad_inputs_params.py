@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from stages import finetune, prepare
+from stages import prepare
 from tests.bad_input_harness import Case, Ctx, checkpoint_setup, params_text, set_params
 
 # Line numbers below are those of these texts.
@@ -22,7 +22,7 @@ def _checkpoint(edit: dict | None = None, **params):
         cfg.update(edit or {})
         (folder / "config.json").write_text(json.dumps(cfg))
         ctx.overrides.update(params)
-        return checkpoint_setup(ctx, folder)
+        return checkpoint_setup(ctx, folder)[0], []  # prepare takes no --data
 
     return setup
 
@@ -134,21 +134,22 @@ CASES: list[Case] = [
         ("model.config.dropout_rate: inf is not finite",),
     ),
     # ------------------------------------------------------------ checkpoint's config.json
+    # Read before prepare works: a checkpoint that cannot work stops the first stage, not finetune.
     Case(
         "checkpoint has fewer experts than num_experts_avg",
-        finetune.main,
+        prepare.main,
         _checkpoint(**{"group.num_experts_avg": 9}),
         ("group.num_experts_avg=9 exceeds num_experts=8 of the checkpoint", "config.json"),
     ),
     Case(
         "rank too large for the checkpoint's experts",
-        finetune.main,
+        prepare.main,
         _checkpoint(**{"compress.rank": 32}),
         ("compress.rank=32 must be below the expert matrix size min(d_model, d_ff)=32 of the checkpoint",),
     ),
     Case(
         "checkpoint of another family",
-        finetune.main,
+        prepare.main,
         _checkpoint(**{"model.family": "mixtral"}),
         (
             "model.family=mixtral does not match model.name_or_path=",
@@ -157,9 +158,28 @@ CASES: list[Case] = [
     ),
     Case(
         "checkpoint of an unsupported model type",
-        finetune.main,
+        prepare.main,
         _checkpoint({"model_type": "gpt2"}),
         ("config.json has model_type 'gpt2'; that is no supported family (", "switch_transformers"),
+    ),
+    Case(
+        "checkpoint of an MoE type the family walk lists unsupported",
+        prepare.main,
+        _checkpoint({"model_type": "jetmoe"}),
+        ("config.json has model_type 'jetmoe'; that is no supported family (", "deepseek_v3", "gpt_oss"),
+    ),
+    Case(
+        "router mode the family's router semantics does not define",
+        prepare.main,
+        set_params(
+            model__family="deepseek_v3",
+            model__config={"hidden_size": 32, "n_routed_experts": 8},
+            model__init_embeddings_from=None,
+            data__task="wikitext2",
+            group__layers="decoder",
+            merge__router="prune-logsumexp",
+        ),
+        ("merge.router=prune-logsumexp needs softmax probabilities", "sigmoid-topk", "valid: remap, prune"),
     ),
     Case(
         "upcycled experts fewer than num_experts_avg",

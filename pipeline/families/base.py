@@ -140,6 +140,15 @@ class MoEAdapter:
         """
         return None
 
+    def expert_count_keys(self) -> tuple[str, ...]:
+        """Config keys that may hold the number of routed experts, in order of preference."""
+        return ("num_experts", "num_local_experts", "n_routed_experts")
+
+    def expert_width_keys(self, config: dict) -> tuple[str, ...]:
+        """Config keys (dotted for nested configs) of an expert matrix's two widths, given the
+        checkpoint's or the params' config values."""
+        return ("hidden_size", "intermediate_size")
+
     def shared_experts(self, layer: SparseLayer) -> dict[str, int]:
         """Parameters of each shared (always-on) expert of ``layer``; merging leaves them as they are."""
         return {}

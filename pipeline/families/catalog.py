@@ -183,6 +183,7 @@ SPECS: list[FamilySpec] = [
         counts=("experts.num_experts", "experts.mlp.moe_num_experts"),
         top_k=("block.top_k",),
         layout="flat",
+        config_widths=("d_model", "ffn_config.ffn_hidden_size"),
         config_experts="ffn_config.moe_num_experts",
         config_top_k="ffn_config.moe_top_k",
         # DbrxConfig's default attention config lacks the rope_theta its model reads.

@@ -75,6 +75,9 @@ class FamilySpec:
     top_k: tuple[str, ...] = ("router.top_k",)
     config_experts: str = "num_experts"
     config_top_k: str = "num_experts_per_tok"
+    # Config keys of an expert matrix's widths; () : hidden_size and moe_intermediate_size where the
+    # config has one (its intermediate_size is the dense MLPs'), else intermediate_size.
+    config_widths: tuple[str, ...] = ()
     layout: str | None = None  # None: the experts module's own flags
     activation: str | None = None  # None: act(gate) * up with the module's act_fn
     convention: str = "indexed"  # experts called on (hidden, indices, weights); "slots": Llama 4
@@ -278,6 +281,17 @@ class DecoderAdapter(MoEAdapter):
 
     def task_inputs(self, model: nn.Module, batch: dict) -> dict:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def expert_count_keys(self) -> tuple[str, ...]:
+        return (self.spec.config_experts, *super().expert_count_keys())
+
+    def expert_width_keys(self, config: dict) -> tuple[str, ...]:
+        if self.spec.config_widths:
+            return self.spec.config_widths
+        return (
+            "hidden_size",
+            "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size",
+        )
 
     # ---------------------------------------------------------------- finding things
 
@@ -527,7 +541,9 @@ class DecoderAdapter(MoEAdapter):
     def router_mode_refusal(self, mode: str, plan=None, layer: SparseLayer | None = None) -> str | None:
         params = self.params(layer) if layer is not None else {}
         why = self.semantics.mode_refusal(mode, params)
-        if why is None and mode == "prune-logsumexp" and params.get("correction") is not None:
+        # Without a layer (params validation), a family that can have a correction bias refuses.
+        correction = params.get("correction") if layer is not None else self.spec.params.get("correction")
+        if why is None and mode == "prune-logsumexp" and correction is not None:
             why = (
                 f"merge.router=prune-logsumexp: the {self.model_type} router adds a per-expert score "
                 "correction, which has no per-group value; valid: remap, prune"

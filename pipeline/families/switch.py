@@ -180,6 +180,12 @@ class SwitchAdapter(MoEAdapter):
                 layers.append(SparseLayer(name, name.split(".")[0], len(layers), mod))
         return layers
 
+    def expert_count_keys(self) -> tuple[str, ...]:
+        return ("num_experts",)
+
+    def expert_width_keys(self, config: dict) -> tuple[str, ...]:
+        return ("d_model", "d_ff")
+
     def num_experts(self, layer: SparseLayer) -> int:
         return len(layer.module.experts)
 
