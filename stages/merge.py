@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         shift = {n: r["preactivation_shift"] for n, r in report.items() if "preactivation_shift" in r}
         if shift:
             metrics["preactivation_shift"] = shift
+        # Always-on shared experts (Qwen2-MoE, DeepSeek, Llama 4, ...) are not merged: say so.
+        shared = {ly.name: s for ly in adapter.sparse_layers(model) if (s := adapter.shared_experts(ly))}
+        if shared:
+            metrics["shared_expert_params_untouched"] = sum(sum(s.values()) for s in shared.values())
         if args.plot:
             plot = Path(args.plot)
             plot.parent.mkdir(parents=True, exist_ok=True)
