@@ -206,6 +206,9 @@ def harness_zero_shot(
     """
     if limit is not None and indices is not None:
         raise ValueError("give limit (the first examples) or indices (chosen ones), not both")
+    if indices is not None and (set(indices) != set(names) or not all(indices.values())):
+        # lm-eval would score the whole split of a task given no positions.
+        raise ValueError(f"indices must name examples of every task {names}, got {sorted(indices)}")
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="lm-eval-tasks-") as tmp:
             return harness_zero_shot(
@@ -236,7 +239,9 @@ def harness_zero_shot(
                 limit=limit,
                 # Sorted: lm-eval scores the chosen docs in file order but labels the j-th with the j-th
                 # index given, so an unsorted list would mislabel them (0.4.13).
-                samples={f"smoe_{n}": sorted(idx) for n, idx in indices.items()} if indices else None,
+                samples={f"smoe_{n}": sorted(idx) for n, idx in indices.items()}
+                if indices is not None
+                else None,
                 log_samples=True,
                 # The project's paired bootstrap gives the intervals; lm-eval's own stderr bootstrap of
                 # MRPC's F1 costs seconds per iteration.
@@ -254,9 +259,9 @@ def harness_zero_shot(
     out = {}
     for name, task in zip(names, tasks, strict=True):
         metrics = res["results"][task]
-        chosen = indices.get(name) if indices else None
+        chosen = indices[name] if indices is not None else None
         by_doc = {s["doc_id"]: s for s in res["samples"][task]}
-        samples = [by_doc[i] for i in (chosen or sorted(by_doc))]
+        samples = [by_doc[i] for i in (chosen if chosen is not None else sorted(by_doc))]
         lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
         if not all(math.isfinite(x) for ll in lls for x in ll):
             raise NonFiniteOutputError(

@@ -138,6 +138,10 @@ def test_a_seeded_subset_scores_the_project_scorers_examples(wiki_lm, wiki_token
     ]
     ours = choice_loglikelihoods(wiki_lm, wiki_tokenizer, examples, 4, torch.device("cpu"))
     torch.testing.assert_close(torch.tensor(got["loglikelihoods"]), torch.tensor(ours), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="indices must name examples of every task"):
+        harness_zero_shot(
+            wiki_lm, wiki_tokenizer, ["mrpc", "copa"], data_dir, tmp_path, indices={"mrpc": idx}
+        )
     with pytest.raises(ValueError, match="not both"):
         harness_zero_shot(
             wiki_lm, wiki_tokenizer, ["mrpc"], data_dir, tmp_path, limit=2, indices={"mrpc": idx}
