@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                     e.speed_batches,
                     device,
                     params.runtime.dtype,
-                    partial(
+                    zero_shot=partial(
                         score_zero_shot,
                         task=task,
                         scorer=scorer,
