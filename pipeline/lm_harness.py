@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.data import DataError, PreparedTask
 from pipeline.registry import Registry
-from pipeline.training import NonFiniteOutputError, autocast
+from pipeline.training import DTYPES, NonFiniteOutputError
 from pipeline.zeroshot import (
     ChoiceExample,
     load_choice_task,
@@ -202,7 +202,7 @@ def harness_zero_shot(
     left at ``max_length`` (None: the model's context window, as lm-eval finds it). Special tokens
     are the tokenizer's own (a BOS where it adds one) unless it appends tokens, then none.
     ``folder`` receives the task configs (a temporary folder if None); ``dtype`` is the autocast
-    precision of the forward passes.
+    precision of the forward passes (float32: none).
     """
     if limit is not None and indices is not None:
         raise ValueError("give limit (the first examples) or indices (chosen ones), not both")
@@ -228,10 +228,13 @@ def harness_zero_shot(
         add_bos_token=_special_tokens(tokenizer),
         batch_size=batch_size,
         max_length=max_length,
+        # lm-eval runs each forward in its own autocast (off unless given a dtype): the caller's
+        # autocast would not reach it.
+        mixed_precision_dtype=None if dtype == "float32" else DTYPES[dtype],
     )
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     try:
-        with torch.no_grad(), autocast(lm.device, dtype):
+        with torch.no_grad():
             res = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=tasks,

@@ -177,3 +177,13 @@ def test_the_evaluate_stage_scorers_agree_where_conventions_match(wiki_lm, wiki_
     assert zero_shot_scorer_record("lm-eval") == {"name": "lm-evaluation-harness", "version": "0.4.13"}
     with pytest.raises(ValueError, match="valid choices: lm-eval, project"):
         score_zero_shot(wiki_lm, task, "helm", 8, cpu)
+
+
+def test_dtype_reaches_lm_evals_forward(wiki_lm, wiki_tokenizer, data_dir):
+    # lm-eval wraps each forward in its own autocast: the precision has to be handed to it.
+    full = harness_zero_shot(wiki_lm, wiki_tokenizer, ["mrpc"], data_dir, limit=2)["mrpc"]
+    half = harness_zero_shot(wiki_lm, wiki_tokenizer, ["mrpc"], data_dir, limit=2, dtype="bfloat16")["mrpc"]
+    assert half["loglikelihoods"] != full["loglikelihoods"]
+    torch.testing.assert_close(
+        torch.tensor(half["loglikelihoods"]), torch.tensor(full["loglikelihoods"]), rtol=0.02, atol=0.2
+    )
