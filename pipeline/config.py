@@ -121,7 +121,7 @@ class DataParams(_Section):
     lm_train_split: Literal["train", "valid"] = "train"
     dev_blocks: int = Field(64, ge=1)
     # Zero-shot multiple-choice tasks scored by log-likelihood (causal LMs), and an optional cap on
-    # examples per task (seeded subsample).
+    # examples per task (seeded subsample). Only tasks whose official files are at hand offline.
     zero_shot_tasks: list[str] = []
     zero_shot_max_samples: int | None = Field(None, ge=1)
 
@@ -142,10 +142,18 @@ class DataParams(_Section):
     @field_validator("zero_shot_tasks")
     @classmethod
     def _known_zero_shot(cls, v: list[str]) -> list[str]:
+        from pipeline.lm_harness import HARNESS_TASKS
         from pipeline.zeroshot import ZERO_SHOT_TASKS
 
+        valid = sorted(set(ZERO_SHOT_TASKS.names()) & set(HARNESS_TASKS.names()))
         for name in v:
-            ZERO_SHOT_TASKS.get(name)
+            if name not in valid:
+                raise ValueError(
+                    f"unknown zero-shot task {name!r}; valid choices: {', '.join(valid)} (ARC, PIQA, "
+                    "HellaSwag, BoolQ and MMLU have no official files offline)"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a task twice: {v}")
         return v
 
 
@@ -401,6 +409,10 @@ class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
     # Batches of the dev split timed for tokens/s (after one warm-up batch).
     speed_batches: int = Field(8, ge=1)
+    # What scores data.zero_shot_tasks (language-modelling tasks): lm-eval = lm-evaluation-harness
+    # on the official files (published conventions); project = pipeline/zeroshot.py (faster, also
+    # from the Hub; its conventions differ slightly, see its docstring).
+    zero_shot_scorer: Literal["lm-eval", "project"] = "lm-eval"
 
 
 class UpcycleParams(_Section):
@@ -529,6 +541,15 @@ class Params(_Section):
             raise ValueError(
                 f"data.zero_shot_tasks scores a language model; data.task={self.data.task} is a "
                 f"classification task (zero-shot tasks go with {', '.join(LM_TASKS)})"
+            )
+        if (
+            self.data.zero_shot_tasks
+            and self.evaluate.zero_shot_scorer == "lm-eval"
+            and self.data.data_dir in (None, "", "hub")
+        ):
+            raise ValueError(
+                "evaluate.zero_shot_scorer=lm-eval reads the official task files offline; data.data_dir "
+                "is null (the Hub): set it to the data folder, or use evaluate.zero_shot_scorer: project"
             )
         if self.upcycle is not None:
             self._check_upcycle(causal)

@@ -374,6 +374,8 @@ class PreparedTask:
     tokenizer: object
     objective: str = "classification"  # or "lm" (next-token prediction on text blocks)
     zero_shot: dict[str, list] = field(default_factory=dict)  # task -> zeroshot.ChoiceExample list
+    # task -> each example's position in the official split (what lm-eval is asked to score)
+    zero_shot_indices: dict[str, list[int]] = field(default_factory=dict)
 
     def label_token_ids(self) -> list[list[int]]:
         """Token ids (with EOS) of each class's target."""
@@ -401,7 +403,7 @@ def load_prepared(folder: str | Path, splits: tuple[str, ...] = ("train", "dev")
         raise DataError(f"{folder}: cannot load its tokenizer ({_first_line(err)}); {again}") from None
     check_tokenizer(tok, tok_dir, again)
     data = {s: read_jsonl(folder / f"{s}.jsonl") for s in splits}
-    zero_shot = {}
+    zero_shot, zero_shot_indices = {}, {}
     if (folder / "zero_shot.json").is_file():
         from pipeline.zeroshot import ChoiceExample
 
@@ -409,6 +411,10 @@ def load_prepared(folder: str | Path, splits: tuple[str, ...] = ("train", "dev")
         zero_shot = {
             name: [ChoiceExample(tuple(e["contexts"]), tuple(e["continuations"]), e["label"]) for e in rows]
             for name, rows in raw.items()
+        }
+        # Folders prepared before the positions were recorded have none (the lm-eval scorer says so).
+        zero_shot_indices = {
+            name: [e["index"] for e in rows] for name, rows in raw.items() if all("index" in e for e in rows)
         }
     return PreparedTask(
         meta["task"],
@@ -418,6 +424,7 @@ def load_prepared(folder: str | Path, splits: tuple[str, ...] = ("train", "dev")
         tok,
         meta.get("objective", "classification"),
         zero_shot,
+        zero_shot_indices,
     )
 
 

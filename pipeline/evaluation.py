@@ -211,26 +211,29 @@ def evaluate_lm_variant(
     speed_batches: int,
     device: torch.device,
     dtype: str = "float32",
+    zero_shot: Callable[[nn.Module], tuple[dict[str, dict], dict[str, list[bool]]]] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Every figure of ``metrics/evaluate.json`` for one saved causal LM: test perplexity, zero-shot
-    accuracy per task (log-likelihood ranking of the choices), size, speed and memory; and the
-    per-example results behind them (each test block's NLL sum, each zero-shot example's hit) for
-    paired comparisons."""
-    from pipeline.zeroshot import perplexity_from_rows, row_nlls, suite_accuracy, zero_shot_hits
+    accuracy per task and their unweighted mean, size, speed and memory; and the per-example results
+    behind them (each test block's NLL sum, each zero-shot example's hit) for paired comparisons.
 
+    ``zero_shot`` scores the prepared zero-shot tasks of a model: per task its figures (accuracy,
+    ...), and each example's hit (e.g. :func:`pipeline.lm_harness.score_zero_shot` bound to a scorer).
+    """
+    from pipeline.zeroshot import perplexity_from_rows, row_nlls
+
+    if task.zero_shot and zero_shot is None:
+        raise ValueError("the prepared task has zero-shot sets: give the zero_shot scorer that scores them")
     pad_id = task.tokenizer.pad_token_id
     test = task.splits["test"]
-    nlls, counts = row_nlls(model, test, pad_id, batch_size, device, dtype)
+    nlls, counts = row_nlls(model.to(device), test, pad_id, batch_size, device, dtype)
     out = {f"test_{k}": v for k, v in perplexity_from_rows(nlls, counts).items()}
     details: dict = {"nll": nlls, "tokens": counts, "zero_shot": {}}
     if task.zero_shot:
-        hits = zero_shot_hits(model, task.tokenizer, task.zero_shot, batch_size, device, dtype)
-        details["zero_shot"] = {name: h for name, (h, _) in hits.items()}
-        for name, res in suite_accuracy(hits).items():
-            if isinstance(res, dict):
-                out.update({f"{name}_{k}": v for k, v in res.items()})
-            else:
-                out[name] = res
+        per_task, details["zero_shot"] = zero_shot(model)
+        for name, res in per_task.items():
+            out.update({f"{name}_{k}": v for k, v in res.items()})
+        out["mean_accuracy"] = sum(r["accuracy"] for r in per_task.values()) / len(per_task)
     out.update(
         {
             "params_total": count_unique_params(model),

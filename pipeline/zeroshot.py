@@ -1,4 +1,30 @@
-"""Zero-shot evaluation of causal LMs: multiple-choice log-likelihood scoring (lm-eval style) and perplexity."""
+"""Zero-shot evaluation of causal LMs: the project's multiple-choice scorer, the task files it reads
+(also the seeded subsets that lm-evaluation-harness scores, :mod:`pipeline.lm_harness`), perplexity.
+
+The project scorer (:func:`choice_hits` and the functions built on it) ranks each example's choices
+by the summed log-probability of the continuation given the context. Its conventions, and where
+they differ from lm-evaluation-harness 0.4.13 as :func:`pipeline.lm_harness.harness_zero_shot`
+runs it:
+
+- Prompts: lm-eval's prompts for WinoGrande, OpenBookQA and MRPC, character for character. COPA
+  has one space between the connector and the choice ("... because the ..."); lm-eval's has two,
+  as its choices start with a space and its target delimiter adds another.
+- Tokens: context and continuation are tokenised apart, without special tokens. lm-eval tokenises
+  them together and splits at the context's token count; the tokens are the same unless the
+  tokenizer merges across the boundary (a byte-level BPE with a space-led continuation does not).
+- BOS: the tokenizer's ``bos_token_id`` is prepended whenever it has one. lm-eval adds a BOS only
+  where the tokenizer adds one itself (Llama/Mixtral do, GPT-2 and this project's BPE do not).
+  An empty context starts from eos in both.
+- Length: no truncation unless ``max_length`` is given; lm-eval cuts the context from the left to
+  the model's context window.
+- acc_norm: log-likelihood per UTF-8 byte of the continuation, leading space included, reported
+  for every task. lm-eval divides by the choice's length in characters, without the delimiter's
+  space, and reports acc_norm only where the task defines it (OpenBookQA here).
+- Ties go to the first choice in both.
+
+With a tokenizer that neither has nor adds a BOS, on WinoGrande, OpenBookQA and MRPC, both give
+the same log-likelihoods and accuracy (tests/test_lm_harness.py).
+"""
 
 from __future__ import annotations
 
@@ -136,7 +162,10 @@ def _lower_first(text: str) -> str:
 
 
 def copa_example(premise: str, choice1: str, choice2: str, question: str, label) -> ChoiceExample:
-    """lm-eval's COPA prompt: "<premise without final period> because|therefore" + " <choice, lower-cased first letter>"."""
+    """COPA as "<premise without final period> because|therefore" + " <choice, lower-cased first letter>".
+
+    lm-eval's prompt but for one space: lm-eval scores "...therefore" + "  <choice>" (two spaces).
+    """
     if question not in _COPA_CONNECTORS:
         raise ValueError(f"question {question!r} is neither 'cause' nor 'effect'")
     premise = premise.strip()
@@ -304,6 +333,13 @@ def load_choice_task(
 
     ``max_samples`` smaller than the split keeps a seeded random subset.
     """
+    return load_choice_subset(name, data_dir, max_samples, seed)[0]
+
+
+def load_choice_subset(
+    name: str, data_dir: Path | None, max_samples: int | None = None, seed: int = 0
+) -> tuple[list[ChoiceExample], list[int]]:
+    """:func:`load_choice_task`'s examples and their positions in the split (:func:`subset_indices`)."""
     spec = ZERO_SHOT_TASKS.get(name)
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -324,7 +360,8 @@ def load_choice_task(
         examples = _convert_rows(source, rows, spec.from_hub_row, f"the Hub's {spec.hub} columns")
     if not examples:
         raise DataError(f"{source} yields no example for zero-shot task {name!r}; expected {spec.expected}")
-    return [examples[i] for i in subset_indices(len(examples), max_samples, seed)]
+    chosen = subset_indices(len(examples), max_samples, seed)
+    return [examples[i] for i in chosen], chosen
 
 
 def subset_indices(n: int, max_samples: int | None, seed: int) -> list[int]:
@@ -499,7 +536,11 @@ def choice_loglikelihoods(
     dtype: str = "float32",
     max_length: int | None = None,
 ) -> list[list[float]]:
-    """Sum of log-probabilities of each choice's continuation given its context, per example."""
+    """Sum of log-probabilities of each choice's continuation given its context, per example.
+
+    Context and continuation are tokenised apart without special tokens, the tokenizer's BOS (if
+    it has one) is prepended, and the context is cut from the left only beyond ``max_length``.
+    """
     device = torch.device(device)
     seqs, n_conts = _encode_choices(tokenizer, examples, max_length)
     pad = tokenizer.pad_token_id
@@ -551,7 +592,8 @@ def choice_hits(
     max_length: int | None = None,
 ) -> tuple[list[bool], list[bool]]:
     """Per example: whether the most likely choice is the label, by log-likelihood and by
-    log-likelihood per continuation byte."""
+    log-likelihood per UTF-8 byte of the continuation, leading space included (lm-eval's acc_norm
+    divides by characters of the choice without that space: see the module docstring)."""
     if not examples:
         raise ValueError("choice_accuracy needs at least one example")
     scores = choice_loglikelihoods(model, tokenizer, examples, batch_size, device, dtype, max_length)

@@ -232,7 +232,8 @@ def main() -> None:
             metrics = _metrics(ref, spec.metrics_dir)
             # A run whose stages all came from DVC's run cache logged nothing: give it its row.
             sync(params_path, f"{spec.metrics_dir}/evaluate.json")
-            evaluation = metrics.get("evaluate", {})
+            # Variant -> figures; the zero-shot scorer's name and version sit beside them.
+            evaluation = {k: v for k, v in metrics.get("evaluate", {}).items() if k != "zero_shot_scorer"}
             head = _headline(evaluation)
             runs.append(
                 {

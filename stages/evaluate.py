@@ -7,8 +7,10 @@ distribution: how far merging and compression moved the function, even where no 
 and the full model's accuracy with every expert of the merged layers zeroed (a knock-out: what
 those experts are worth at all).
 Language-modelling tasks are scored by test perplexity and zero-shot accuracy on the
-prepared multiple-choice tasks; there ``--predictions`` records each test block's NLL and each
-zero-shot example's hit per variant.
+prepared multiple-choice tasks, by ``evaluate.zero_shot_scorer``: lm-evaluation-harness on the
+official files in ``data.data_dir`` (the prepared examples, found at their recorded positions), or
+the project's scorer; its name and version are recorded in the metrics and the MLflow run. There
+``--predictions`` records each test block's NLL and each zero-shot example's hit per variant.
 
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
 with the router remapped or pruned to one output per group.
@@ -18,19 +20,22 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from pipeline.data import load_prepared
+from pipeline.data import DataError, load_prepared, resolve_data_dir
 from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference, lm_predictions
 from pipeline.families import adapter_for
 from pipeline.knockout import zero_experts
+from pipeline.lm_harness import check_prepared_subsets, score_zero_shot, zero_shot_scorer_record
 from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.plots import accuracy_vs_size_figure
 from pipeline.routing import router_mode_variants
 from pipeline.training import check_token_ids, evaluate_accuracy
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.tracking import repo_root
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
 
@@ -55,11 +60,27 @@ def main(argv: list[str] | None = None) -> None:
             for m in models.values():
                 check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
+        # Zero-shot tasks: which scorer, and for lm-eval the official files holding the prepared examples.
+        scorer = e.zero_shot_scorer if task.objective == "lm" and task.zero_shot else None
+        data_dir = None
+        if scorer == "lm-eval":
+            data_dir = resolve_data_dir(params.data.data_dir, base=repo_root())
+            if data_dir is None:
+                raise DataError(
+                    "evaluate.zero_shot_scorer=lm-eval reads the official task files: set data.data_dir "
+                    "(or $SMOE_DATA_DIR) to their folder, or use evaluate.zero_shot_scorer: project"
+                )
+            check_prepared_subsets(task.zero_shot, task.zero_shot_indices, data_dir)
+        scorer_record = zero_shot_scorer_record(scorer) if scorer else None
     results, logps, kls, lm_details = {}, {}, {}, {}
+    logged = section(params, "evaluate", "runtime") | (section(params, "data.data_dir") if data_dir else {})
     with (
         tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
-        mlflow_run(params, args.params, "evaluate", section(params, "evaluate", "runtime")) as run,
+        mlflow_run(params, args.params, "evaluate", logged) as run,
     ):
+        if scorer_record:
+            run.log_params({"zero_shot_scorer": scorer_record})
+            run.set_tags({"zero_shot_scorer": " ".join(scorer_record.values())})
         for mode, model in modes.items():
             if mode == "remap":
                 continue  # that is the merged model itself
@@ -70,7 +91,22 @@ def main(argv: list[str] | None = None) -> None:
         for v, model in models.items():
             if task.objective == "lm":
                 results[v], lm_details[v] = evaluate_lm_variant(
-                    model, folders[v], task, e.batch_size, e.speed_batches, device, params.runtime.dtype
+                    model,
+                    folders[v],
+                    task,
+                    e.batch_size,
+                    e.speed_batches,
+                    device,
+                    params.runtime.dtype,
+                    zero_shot=partial(
+                        score_zero_shot,
+                        task=task,
+                        scorer=scorer,
+                        batch_size=e.batch_size,
+                        device=device,
+                        dtype=params.runtime.dtype,
+                        data_dir=data_dir,
+                    ),
                 )
             else:
                 results[v], logps[v] = evaluate_variant(
@@ -110,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                 del knocked
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
             run.log_metrics(results[v], prefix=f"{v}.")
-        write_json(results, args.metrics)
+        # The scorer once, beside the variants: every zero-shot figure in the file is its.
+        write_json({**results, "zero_shot_scorer": scorer_record} if scorer_record else results, args.metrics)
         if args.predictions and lm_details:
             write_json(lm_predictions(lm_details), args.predictions)
         if args.predictions and logps:

@@ -1,7 +1,8 @@
 """Stage prepare: official task files (or the Hub) -> tokenizer + tokenized splits.
 
 Classification tasks become text-to-text examples; language-modelling tasks (wikitext2) become
-blocks of tokens, with the zero-shot multiple-choice sets stored beside them as text.
+blocks of tokens, with the zero-shot multiple-choice sets stored beside them as text (each example
+with its position in the official split, which the lm-eval scorer reads).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline.data import (
     write_jsonl,
 )
 from pipeline.modeling import atomic_dir
-from pipeline.zeroshot import lm_rows, load_choice_task, load_wikitext
+from pipeline.zeroshot import lm_rows, load_choice_subset, load_wikitext
 from stages.common import (
     dump_yaml,
     lineage,
@@ -108,7 +109,7 @@ def _prepare_lm(args, params) -> None:
         train_text = load_wikitext(data_dir, d.lm_train_split)
         test_text = load_wikitext(data_dir, "test")
         zero_shot = {
-            name: load_choice_task(name, data_dir, d.zero_shot_max_samples, params.seed)
+            name: load_choice_subset(name, data_dir, d.zero_shot_max_samples, params.seed)
             for name in d.zero_shot_tasks
         }
         tokenizer = _tokenizer(params, train_text.splitlines(), [])
@@ -141,14 +142,16 @@ def _prepare_lm(args, params) -> None:
                             "contexts": list(e.contexts),
                             "continuations": list(e.continuations),
                             "label": e.label,
+                            # the example's position in the official split: what lm-eval scores
+                            "index": i,
                         }
-                        for e in examples
+                        for e, i in zip(examples, indices, strict=True)
                     ]
-                    for name, examples in zero_shot.items()
+                    for name, (examples, indices) in zero_shot.items()
                 }
             )
         )
-        for name, examples in zero_shot.items():
+        for name, (examples, _) in zero_shot.items():
             metrics[f"zero_shot_{name}_examples"] = len(examples)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {

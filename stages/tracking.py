@@ -177,6 +177,10 @@ class StageRun:
         for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
             self._mlflow.log_params(dict(items[i : i + 90]))
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+
     def log_artifact(self, path: str | Path) -> None:
         if self._mlflow is not None:
             self._mlflow.log_artifact(str(path))

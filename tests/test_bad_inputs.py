@@ -223,6 +223,37 @@ CASES = [
         ("data.zero_shot_tasks scores a language model; data.task=sst2 is a classification task",),
     ),
     Case(
+        "zero-shot task not available offline",
+        prepare.main,
+        set_params(data__zero_shot_tasks=["copa", "piqa"]),
+        (
+            "data.zero_shot_tasks: unknown zero-shot task 'piqa'; valid choices: copa, mrpc, openbookqa, "
+            "winogrande (ARC, PIQA, HellaSwag, BoolQ and MMLU have no official files offline)",
+        ),
+    ),
+    Case(
+        "unknown zero-shot scorer",
+        prepare.main,
+        set_params(evaluate__zero_shot_scorer="helm"),
+        ("evaluate.zero_shot_scorer: Input should be 'lm-eval' or 'project'",),
+    ),
+    Case(
+        "lm-eval scorer without the official files",
+        prepare.main,
+        set_params(
+            data__task="wikitext2",
+            data__data_dir=None,
+            data__zero_shot_tasks=["copa"],
+            model__family="mixtral",
+            model__init_embeddings_from=None,
+            model__config={"hidden_size": 32, "num_hidden_layers": 2, "num_local_experts": 8},
+        ),
+        (
+            "evaluate.zero_shot_scorer=lm-eval reads the official task files offline; data.data_dir is "
+            "null (the Hub): set it to the data folder, or use evaluate.zero_shot_scorer: project",
+        ),
+    ),
+    Case(
         "zero_shot without a checkpoint",
         prepare.main,
         set_params(zero_shot=True),

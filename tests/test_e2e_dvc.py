@@ -507,6 +507,7 @@ def test_decoder_pipeline_repro_and_partial_rerun(repo: Path) -> None:
     log = _dvc(repo, "repro", "llm/dvc.yaml")
     assert _ran(log) == set(STAGES)
     metrics = json.loads((repo / "metrics" / "llm" / "evaluate.json").read_text())
+    assert metrics.pop("zero_shot_scorer") == {"name": "lm-evaluation-harness", "version": "0.4.13"}
     assert set(metrics) == EVALUATED
     for name, m in metrics.items():
         assert set(m) >= LLM_VARIANT_KEYS, name

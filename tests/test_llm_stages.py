@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def zero_shot_run(tmp_path_factory, data_dir):
         "--compressed", str(d / "compressed"), "--compressed-full", str(d / "c_compressed"),
         "--out-m-smoe", str(d / "m_smoe"), "--out-mc-smoe", str(d / "mc_smoe"), "--out-c-smoe", str(d / "c_smoe"))  # fmt: skip
     run(evaluate, "--data", str(d / "data"), "--full", str(d / "full"), "--merged", str(d / "merged"),
-        "--m-smoe", str(d / "m_smoe"), "--mc-smoe", str(d / "mc_smoe"), "--c-smoe", str(d / "c_smoe"))  # fmt: skip
+        "--m-smoe", str(d / "m_smoe"), "--mc-smoe", str(d / "mc_smoe"), "--c-smoe", str(d / "c_smoe"),
+        "--predictions", str(d / "predictions.json"))  # fmt: skip
     return tmp, d
 
 
@@ -99,13 +101,26 @@ def test_zero_shot_kd_prunes_without_training(zero_shot_run):
 
 
 def test_zero_shot_evaluate_reports_perplexity_and_zero_shot_accuracy(zero_shot_run):
-    _, d = zero_shot_run
+    tmp, d = zero_shot_run
     metrics = json.loads((d / "evaluate.json").read_text())
+    # The default scorer is lm-evaluation-harness, recorded with its version beside the variants.
+    assert metrics.pop("zero_shot_scorer") == {"name": "lm-evaluation-harness", "version": "0.4.13"}
     assert {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"} <= set(metrics)
-    for m in metrics.values():
+    hits = json.loads((d / "predictions.json").read_text())["zero_shot"]
+    for v, m in metrics.items():
         assert m["test_perplexity"] > 1 and m["test_tokens"] == 16 * 31
         for task in ("copa", "winogrande", "openbookqa", "mrpc"):
             assert m[f"{task}_examples"] == 8 and 0 <= m[f"{task}_accuracy"] <= 1
+            assert m[f"{task}_accuracy"] == hits[task][v].count("1") / 8
+        # acc_norm only where lm-eval's task defines it.
+        assert "openbookqa_accuracy_norm" in m and "copa_accuracy_norm" not in m
+        assert m["mean_accuracy"] == pytest.approx(sum(m[f"{t}_accuracy"] for t in hits) / 4)
+    with sqlite3.connect(tmp / "mlflow.db") as db:
+        run = db.execute("SELECT run_uuid FROM tags WHERE key = 'stage' AND value = 'evaluate'").fetchone()[0]
+        tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run,)).fetchall())
+        params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run,)).fetchall())
+    assert tags["zero_shot_scorer"] == "lm-evaluation-harness 0.4.13"
+    assert params["zero_shot_scorer.version"] == "0.4.13" and params["evaluate.zero_shot_scorer"] == "lm-eval"
     assert metrics["full"]["test_perplexity"] == pytest.approx(
         json.loads((d / "finetune.json").read_text())["perplexity"], rel=0.5
     )

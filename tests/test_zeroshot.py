@@ -21,6 +21,7 @@ from pipeline.zeroshot import (
     choice_accuracy,
     choice_loglikelihoods,
     lm_rows,
+    load_choice_subset,
     load_choice_task,
     load_wikitext,
     parse_obqa_choices,
@@ -167,6 +168,8 @@ def test_subsample_is_seeded(data_dir):
     c = load_choice_task("winogrande", data_dir, max_samples=50, seed=4)
     assert a == b and a != c
     assert len(a) == 50 and len(set(a)) == 50 and set(a) <= set(full)
+    examples, positions = load_choice_subset("winogrande", data_dir, max_samples=50, seed=3)
+    assert examples == a and [full[i] for i in positions] == a
     assert load_choice_task("copa", data_dir, max_samples=1000) == load_choice_task("copa", data_dir)
     with pytest.raises(ValueError, match="max_samples"):
         load_choice_task("copa", data_dir, max_samples=0)
