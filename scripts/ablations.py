@@ -37,6 +37,7 @@ from pipeline.ablations import (
 )
 from pipeline.config import ParamsError
 from scripts.mlflow_sync import sync
+from stages import tracking
 
 METRIC_FILES = ("evaluate", "kd_finetune", "merge", "group", "align")
 # Per-example results of every evaluated model (<metrics_dir>/predictions.json), for the paired
@@ -232,8 +233,10 @@ def main() -> None:
             metrics = _metrics(ref, spec.metrics_dir)
             # A run whose stages all came from DVC's run cache logged nothing: give it its row.
             sync(params_path, f"{spec.metrics_dir}/evaluate.json")
-            # Variant -> figures; the zero-shot scorer's name and version sit beside them.
-            evaluation = {k: v for k, v in metrics.get("evaluate", {}).items() if k != "zero_shot_scorer"}
+            # Variant -> figures; records (the zero-shot scorer, refused router modes) sit beside them.
+            evaluation = {
+                k: v for k, v in metrics.get("evaluate", {}).items() if k not in tracking.EVALUATE_RECORDS
+            }
             head = _headline(evaluation)
             runs.append(
                 {

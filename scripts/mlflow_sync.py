@@ -54,13 +54,13 @@ def _show(rev: str, path: str) -> str | None:
 
 
 def variants(metrics: dict) -> dict[str, dict]:
-    """Variant -> scalar metrics, from evaluate.json (variant -> metrics, and the zero-shot scorer's
-    record) or compare.json (models)."""
+    """Variant -> scalar metrics, from evaluate.json (variant -> metrics, and records such as the
+    zero-shot scorer's) or compare.json (models)."""
     table = metrics.get("models", metrics)
     return {
         v: {k: x for k, x in m.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
         for v, m in table.items()
-        if isinstance(m, dict) and v != "zero_shot_scorer"
+        if isinstance(m, dict) and v not in tracking.EVALUATE_RECORDS
     }
 
 

@@ -32,7 +32,7 @@ from pipeline.knockout import zero_experts
 from pipeline.lm_harness import check_prepared_subsets, score_zero_shot, zero_shot_scorer_record
 from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.plots import accuracy_vs_size_figure
-from pipeline.routing import router_mode_variants
+from pipeline.routing import router_mode_refusals, router_mode_variants
 from pipeline.training import check_token_ids, evaluate_accuracy
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
 from stages.tracking import repo_root
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             for m in models.values():
                 check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
+        # Modes the family's router semantics does not define (e.g. prune-logsumexp of sigmoid scores).
+        refused = router_mode_refusals(models["merged"], adapter_for(models["merged"]))
         # Zero-shot tasks: which scorer, and for lm-eval the official files holding the prepared examples.
         scorer = e.zero_shot_scorer if task.objective == "lm" and task.zero_shot else None
         data_dir = None
@@ -147,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
             run.log_metrics(results[v], prefix=f"{v}.")
         # The scorer once, beside the variants: every zero-shot figure in the file is its.
-        write_json({**results, "zero_shot_scorer": scorer_record} if scorer_record else results, args.metrics)
+        records = {"zero_shot_scorer": scorer_record} if scorer_record else {}
+        if refused:
+            records["router_modes_refused"] = refused
+            print("router modes not defined for this family: " + "; ".join(refused.values()), flush=True)
+        write_json({**results, **records}, args.metrics)
         if args.predictions and lm_details:
             write_json(lm_predictions(lm_details), args.predictions)
         if args.predictions and logps:
