@@ -16,6 +16,7 @@ import copy
 import re
 import tempfile
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,8 +277,25 @@ def _run_checks(adapter, model_type: str, result: WalkResult, seed: int) -> None
         check("stock reload", lambda: _stock_reload(adapter, copy.deepcopy(model), ids, Path(tmp) / "pruned"))
 
 
+@contextmanager
+def _one_thread():
+    """Torch on one thread: the walk's matrices are tiny, and on a busy machine threads that wait
+    for each other cost many times the work (the whole walk: minutes instead of seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def walk_family(model_type: str, seed: int = 0) -> WalkResult:
     """Build a tiny ``model_type`` and run the lossless checks, or say why it is not supported."""
+    with _one_thread():
+        return _walk_family(model_type, seed)
+
+
+def _walk_family(model_type: str, seed: int) -> WalkResult:
     if model_type in KNOWN_UNSUPPORTED:
         return WalkResult(model_type, False, KNOWN_UNSUPPORTED[model_type])
     if model_type not in ADAPTERS:
