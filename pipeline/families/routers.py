@@ -80,18 +80,22 @@ def _mask(logits: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
     return logits.masked_fill(dead.to(logits.device), float("-inf"))
 
 
-def _limit_groups(choice: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
-    """``choice`` with every expert outside each token's ``topk_group`` best routing groups at
-    -inf; a group's score is its best expert's (``max``) or its two best experts' sum (``top2``)."""
+def _limit_groups(choice: torch.Tensor, p: dict, dead: torch.Tensor | None) -> torch.Tensor:
+    """``choice`` with every expert outside each token's ``topk_group`` best routing groups set to
+    ``group_fill`` (-inf, or 0.0 where a router fills with zeros); a group's score is its best
+    expert's (``group_score="max"``) or its two best experts' sum (``"top2"``)."""
+    n_group, topk_group = int(p["n_group"]), int(p["topk_group"])
     t, n = choice.shape
     per_group = choice.view(t, n_group, n // n_group)
-    if group_score == "max":
+    if p["group_score"] == "max":
         scores = per_group.max(-1).values
     else:
         scores = per_group.topk(min(2, n // n_group), dim=-1).values.sum(-1)
     keep = torch.zeros_like(scores, dtype=torch.bool)
     keep.scatter_(1, scores.topk(topk_group, dim=-1).indices, True)
-    return choice.masked_fill(~keep.repeat_interleave(n // n_group, dim=1), float("-inf"))
+    out = choice.masked_fill(~keep.repeat_interleave(n // n_group, dim=1), float(p["group_fill"]))
+    # A finite fill must not bring a dead expert back.
+    return _mask(out, dead)
 
 
 def _normalise(w: torch.Tensor, p: dict) -> torch.Tensor:
@@ -107,16 +111,28 @@ def _normalise(w: torch.Tensor, p: dict) -> torch.Tensor:
     return w / (total + p.get("norm_eps", 0.0))
 
 
+def _choose(scores: torch.Tensor, p: dict, dead: torch.Tensor | None) -> torch.Tensor:
+    """Top-k indices by ``scores`` plus the score-correction bias, within the token's routing
+    groups where routing is group-limited."""
+    choice = scores if p.get("correction") is None else scores + p["correction"].float()
+    choice = _mask(choice, dead)
+    if int(p.get("n_group") or 1) > 1:
+        choice = _limit_groups(choice, p, dead)
+    return choice.topk(min(int(p["top_k"]), choice.shape[-1]), dim=-1).indices
+
+
+def _weights(scores: torch.Tensor, idx: torch.Tensor, p: dict) -> torch.Tensor:
+    """The chosen experts' scores, normalised, times a per-expert scale if any, times scaling."""
+    w = _normalise(scores.gather(-1, idx), p)
+    if p.get("expert_scale") is not None:
+        w = w * p["expert_scale"].float()[idx]
+    return w * p.get("scaling", 1.0)
+
+
 def _softmax_topk(logits: torch.Tensor, p: dict, dead: torch.Tensor | None) -> Selection:
     probs = _mask(logits, dead).float().softmax(-1)
-    choice = probs if p.get("correction") is None else probs + p["correction"].float()
-    if dead is not None:
-        choice = _mask(choice, dead)
-    if int(p.get("n_group") or 1) > 1:
-        choice = _limit_groups(choice, int(p["n_group"]), int(p["topk_group"]), "max")
-    idx = choice.topk(min(int(p["top_k"]), choice.shape[-1]), dim=-1).indices
-    w = _normalise(probs.gather(-1, idx), p)
-    return w * p.get("scaling", 1.0), idx
+    idx = _choose(probs, p, dead)
+    return _weights(probs, idx, p), idx
 
 
 def _topk_softmax(logits: torch.Tensor, p: dict, dead: torch.Tensor | None) -> Selection:
@@ -124,21 +140,29 @@ def _topk_softmax(logits: torch.Tensor, p: dict, dead: torch.Tensor | None) -> S
     return top.softmax(-1), idx
 
 
+def _score(logits: torch.Tensor, p: dict) -> torch.Tensor:
+    """Per-expert scores: the sigmoid, or the router's own per-expert activation (a callable, or
+    the name of one in transformers' ACT2FN)."""
+    fn = p.get("score_fn", "sigmoid")
+    if fn == "sigmoid":
+        return logits.float().sigmoid()
+    if isinstance(fn, str):
+        from transformers.activations import ACT2FN
+
+        fn = ACT2FN[fn]
+    return fn(logits.float())
+
+
 def _sigmoid_topk(logits: torch.Tensor, p: dict, dead: torch.Tensor | None) -> Selection:
-    scores = _mask(logits, dead).float().sigmoid()
-    choice = scores if p.get("correction") is None else scores + p["correction"].float()
-    if dead is not None:
-        choice = _mask(choice, dead)
-    if int(p.get("n_group") or 1) > 1:
-        choice = _limit_groups(choice, int(p["n_group"]), int(p["topk_group"]), "top2")
-    idx = choice.topk(min(int(p["top_k"]), choice.shape[-1]), dim=-1).indices
-    w = _normalise(scores.gather(-1, idx), p)
-    return w * p.get("scaling", 1.0), idx
+    scores = _score(_mask(logits, dead), p)
+    idx = _choose(scores, p, dead)
+    return _weights(scores, idx, p), idx
 
 
 def _sigmoid_top_logits(logits: torch.Tensor, p: dict, dead: torch.Tensor | None) -> Selection:
-    top, idx = _mask(logits, dead).topk(min(int(p["top_k"]), logits.shape[-1]), dim=-1)
-    return top.float().sigmoid(), idx
+    masked = _mask(logits, dead).float()
+    idx = _choose(masked, p, dead)
+    return _weights(masked.sigmoid(), idx, p), idx
 
 
 def _sparsemixer(logits: torch.Tensor, p: dict, dead: torch.Tensor | None) -> Selection:
@@ -154,10 +178,11 @@ for _sem in (
         "softmax-topk",
         "softmax over all experts, top-k by probability (plus an optional score-correction bias), "
         "weights renormalised over the k (sum, clamped sum or p-norm) or not, optional group-limited "
-        "choice (best expert per group) and scaling",
+        "choice (a group scored by its best expert, or its two best), an optional per-expert scale "
+        "of the weights, and scaling",
         softmax=True,
         select=_softmax_topk,
-        defaults={"normalise": "none", "scaling": 1.0},
+        defaults={"normalise": "none", "scaling": 1.0, "group_score": "max", "group_fill": float("-inf")},
     ),
     RouterSemantics(
         "topk-softmax",
@@ -167,17 +192,26 @@ for _sem in (
     ),
     RouterSemantics(
         "sigmoid-topk",
-        "sigmoid score per expert, top-k after a score-correction bias, optional group-limited choice "
-        "(two best experts per group), weights renormalised or not, then scaled",
+        "sigmoid score per expert (or another per-expert activation the router names), top-k after "
+        "a score-correction bias, optional group-limited choice (a group scored by its two best "
+        "experts), weights renormalised or not, then scaled",
         softmax=False,
         select=_sigmoid_topk,
-        defaults={"normalise": "none", "norm_eps": 1e-20, "scaling": 1.0},
+        defaults={
+            "normalise": "none",
+            "norm_eps": 1e-20,
+            "scaling": 1.0,
+            "group_score": "top2",
+            "group_fill": float("-inf"),
+        },
     ),
     RouterSemantics(
         "sigmoid-top-logits",
-        "top-k by logit, each chosen expert weighted by the sigmoid of its logit (Llama 4)",
+        "top-k by logit (plus an optional score-correction bias), each chosen expert weighted by the "
+        "sigmoid of its logit (Llama 4), renormalised over the k or not",
         softmax=False,
         select=_sigmoid_top_logits,
+        defaults={"normalise": "none", "scaling": 1.0},
     ),
     RouterSemantics(
         "sparsemixer",
@@ -197,18 +231,26 @@ for _sem in (
 def parse_output(kind: str, output) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(logits [T, N], weights [T, k] or None, indices [T, k] or None)`` of a router's output.
 
-    ``standard``: ``(logits, weights, indices)``; ``logits``: the logits alone (the block routes);
-    ``dense-scores``: ``(scores [T, N], logits)`` with zero scores for experts not chosen.
+    ``standard``: ``(logits, weights, indices)``; ``probs``: ``(probabilities, weights, indices)``,
+    read as logits ``log p`` (a softmax of which gives ``p`` back); ``logits``: the logits alone
+    (the block routes); ``dense-scores``: ``(scores [T, N], logits)`` with zero scores for experts
+    not chosen.
     """
     if kind == "standard":
         logits, weights, idx = output[:3]
         return logits.reshape(-1, logits.shape[-1]), weights, idx
+    if kind == "probs":
+        probs, weights, idx = output[:3]
+        return probs.reshape(-1, probs.shape[-1]).float().log(), weights, idx
     if kind == "logits":
         return output.reshape(-1, output.shape[-1]), None, None
     if kind == "dense-scores":
         _scores, logits = output
         return logits.reshape(-1, logits.shape[-1]), None, None
-    raise ValueError(f"unknown router output kind {kind!r}; valid: dense-scores, logits, standard")
+    raise ValueError(f"unknown router output kind {kind!r}; valid: {', '.join(OUTPUT_KINDS)}")
+
+
+OUTPUT_KINDS = ("dense-scores", "logits", "probs", "standard")
 
 
 def build_output(kind: str, logits: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, like=None):
@@ -218,6 +260,11 @@ def build_output(kind: str, logits: torch.Tensor, weights: torch.Tensor, idx: to
         if like is not None:
             logits, weights = logits.to(like[0].dtype), weights.to(like[1].dtype)
         return logits, weights, idx
+    if kind == "probs":
+        probs = logits.float().softmax(-1)
+        if like is not None:
+            probs, weights = probs.to(like[0].dtype), weights.to(like[1].dtype)
+        return probs, weights, idx
     if kind == "logits":
         return logits if like is None else logits.to(like.dtype)
     if kind == "dense-scores":
@@ -225,4 +272,4 @@ def build_output(kind: str, logits: torch.Tensor, weights: torch.Tensor, idx: to
         if like is not None:
             scores, logits = scores.to(like[0].dtype), logits.to(like[1].dtype)
         return scores, logits
-    raise ValueError(f"unknown router output kind {kind!r}; valid: dense-scores, logits, standard")
+    raise ValueError(f"unknown router output kind {kind!r}; valid: {', '.join(OUTPUT_KINDS)}")
