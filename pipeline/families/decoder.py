@@ -82,6 +82,11 @@ class FamilySpec:
     activation: str | None = None  # None: act(gate) * up with the module's act_fn
     convention: str = "indexed"  # experts called on (hidden, indices, weights); "slots": Llama 4
     shared: tuple[str, ...] = ()
+    # False where the router transforms its input (a norm, a scale) before its linear map by the
+    # rows: a LogSumExpRouter over the rows would not see what the stock router sees.
+    linear_router: bool = True
+    # Values the catalog's description assumes (attribute path -> value); other values are refused.
+    requires: Mapping[str, Any] = field(default_factory=dict)
     # The walk's tiny config (tests): overrides of the generic small values.
     tiny: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""
@@ -318,6 +323,13 @@ class DecoderAdapter(MoEAdapter):
 
     def check_block(self, layer: SparseLayer) -> None:
         """Raise ModelStructureError when a block is not what the catalog says (layout, activation)."""
+        for path, value in self.spec.requires.items():
+            found = resolve(path, layer.module, self.spec.router)
+            if found != value:
+                raise ModelStructureError(
+                    f"{layer.name}: {path} is {found!r}; the {self.model_type} catalog entry describes "
+                    f"{value!r} only"
+                )
         ex = self._experts(layer)
         if not isinstance(ex, ModularExperts):
             self._activation(ex)
@@ -541,25 +553,37 @@ class DecoderAdapter(MoEAdapter):
     def router_mode_refusal(self, mode: str, plan=None, layer: SparseLayer | None = None) -> str | None:
         params = self.params(layer) if layer is not None else {}
         why = self.semantics.mode_refusal(mode, params)
-        # Without a layer (params validation), a family that can have a correction bias refuses.
-        correction = params.get("correction") if layer is not None else self.spec.params.get("correction")
-        if why is None and mode == "prune-logsumexp" and correction is not None:
+        if why is None and mode == "prune-logsumexp":
+            for key, what in (
+                ("correction", "a per-expert score correction"),
+                ("expert_scale", "a per-expert weight scale"),
+            ):
+                # Without a layer (params validation), a family that can have one refuses.
+                value = params.get(key) if layer is not None else self.spec.params.get(key)
+                if value is not None:
+                    why = (
+                        f"merge.router=prune-logsumexp: the {self.model_type} router applies {what}, "
+                        "which has no per-group value; valid: remap, prune"
+                    )
+                    break
+        if why is None and mode == "prune-logsumexp" and not self.spec.linear_router:
             why = (
-                f"merge.router=prune-logsumexp: the {self.model_type} router adds a per-expert score "
-                "correction, which has no per-group value; valid: remap, prune"
+                f"merge.router=prune-logsumexp: the {self.model_type} router transforms its input before "
+                "its linear map, which a log-sum-exp router over its rows does not; valid: remap, prune"
             )
         if why is None and mode == "prune" and plan is not None and layer is not None:
             rows = int(self.router_weight(layer).shape[0])
-            why = self._uneven_groups(plan.rows, self.semantics.groups(params), rows)
+            why = self._uneven_groups(plan.rows, params, rows)
         return why
 
-    def _uneven_groups(self, rows: list[int], n_group: int, n: int) -> str | None:
+    def _uneven_groups(self, rows: list[int], params: dict, n: int) -> str | None:
+        n_group = self.semantics.groups(params)
         if n_group <= 1:
             return None
         size = n // n_group
         kept = [sum(1 for r in rows if r // size == g) for g in range(n_group)]
-        # Sigmoid routers score a routing group by its two best experts.
-        least = 2 if self.semantics.name == "sigmoid-topk" else 1
+        # A router that scores a routing group by its two best experts needs two in each.
+        least = 2 if params.get("group_score") == "top2" else 1
         if rows != sorted(rows) or len(set(kept)) != 1 or kept[0] < least:
             return (
                 f"merge.router=prune keeps {kept} experts of the router's {n_group} routing groups; "
