@@ -243,10 +243,11 @@ class GLUActivation(nn.Module):
 
     ``act``: ``act(gate) * up`` (SwiGLU / GeGLU); ``clamped-swiglu``: GPT-OSS's
     ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``;
-    ``ungated``: ``act(up)``.
+    ``clamped-glu``: ``act(clamp(gate, max=limit)) * clamp(up, ±limit)``; ``joint``: the experts'
+    own two-argument, parameter-free ``act_fn(gate, up)``; ``ungated``: ``act(up)``.
     """
 
-    KINDS = ("act", "clamped-swiglu", "ungated")
+    KINDS = ("act", "clamped-swiglu", "clamped-glu", "joint", "ungated")
 
     def __init__(self, kind: str, act: nn.Module | None = None, alpha: float = 1.0, limit: float = 0.0):
         super().__init__()
@@ -257,10 +258,14 @@ class GLUActivation(nn.Module):
     def forward(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
         if self.kind == "ungated":
             return self.act(up)
+        if self.kind == "joint":
+            return self.act(gate, up)
         if self.kind == "clamped-swiglu":
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
             return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+        if self.kind == "clamped-glu":
+            return self.act(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
         return self.act(gate) * up
 
     def spec(self) -> dict:
@@ -268,6 +273,8 @@ class GLUActivation(nn.Module):
         out = {"kind": self.kind}
         if self.kind == "clamped-swiglu":
             out |= {"alpha": float(self.alpha), "limit": float(self.limit)}
+        if self.kind == "clamped-glu":
+            out |= {"limit": float(self.limit)}
         return out
 
 
@@ -314,12 +321,36 @@ def layout_of(experts: nn.Module, declared: str | None = None) -> FusedLayout | 
     )
 
 
+def _first_attr(experts: nn.Module, names: tuple[str, ...]) -> float:
+    for name in names:
+        if getattr(experts, name, None) is not None:
+            return float(getattr(experts, name))
+    raise ModelStructureError(f"{type(experts).__name__} has none of {', '.join(names)}")
+
+
+#: Declared activations: the name the catalog gives -> how to build it from the experts module.
+#: ``act`` ignores an ``_apply_gate`` that only changes the precision of ``act(gate) * up``;
+#: ``clamped-silu`` is ``clamped-glu`` with a SiLU the experts hard-code (they have no act_fn).
+DECLARED_ACTIVATIONS = ("act", "clamped-swiglu", "clamped-glu", "clamped-silu", "joint")
+
+
 def activation_of(experts: nn.Module, layout, declared: str | None = None) -> GLUActivation:
     """The activation of a stock experts module (``declared`` by the catalog, or its ``act_fn``)."""
     if declared == "clamped-swiglu":
-        return GLUActivation("clamped-swiglu", alpha=float(experts.alpha), limit=float(experts.limit))
+        return GLUActivation(
+            "clamped-swiglu",
+            alpha=_first_attr(experts, ("alpha", "swiglu_alpha")),
+            limit=_first_attr(experts, ("limit", "swiglu_limit")),
+        )
+    if declared in ("clamped-glu", "clamped-silu"):
+        act = nn.SiLU() if declared == "clamped-silu" else experts.act_fn
+        return GLUActivation("clamped-glu", act, limit=_first_attr(experts, ("limit", "swiglu_limit")))
+    if declared in ("act", "joint"):
+        return GLUActivation(declared, experts.act_fn)
     if declared is not None:
-        raise ModelStructureError(f"unknown expert activation {declared!r}; valid: clamped-swiglu")
+        raise ModelStructureError(
+            f"unknown expert activation {declared!r}; valid: {', '.join(DECLARED_ACTIVATIONS)}"
+        )
     custom = getattr(type(experts), "_apply_gate", None)
     if custom is not None:
         from transformers.integrations.moe import _default_apply_gate
