@@ -12,7 +12,9 @@ it and ``scripts/family_table.py`` writes the README's family table from it.
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import re
 import tempfile
 import traceback
@@ -61,8 +63,40 @@ TINY = {
     "num_sparse_decoder_layers": 1,
 }
 
-#: Model types the walk knows are no single-stack MoE language model, and why.
-KNOWN_UNSUPPORTED: dict[str, str] = {}
+#: Model types that no adapter can take as they are, and why (one line each). Composite models
+#: and their sub-models get their reason from the walk's general rule instead.
+KNOWN_UNSUPPORTED: dict[str, str] = {
+    "deepseek_v4": (
+        "its first layers route by a fixed token-id -> expert table (hash MoE, no router rows) yet "
+        "share the config's expert count with the routed layers: a pruned merge has no stock layout"
+    ),
+    "inkling_text": (
+        "its router scores the shared experts together with the routed ones (one weight row each, "
+        "weights normalised over the chosen and the shared): rows that no routed expert owns"
+    ),
+    "jetmoe": (
+        "attention experts (MoA) and a router that returns tokens sorted by expert with group sizes, "
+        "not a top-k choice per token"
+    ),
+    "longcat_flash": (
+        "its router chooses among FFN experts and zero-compute (identity) experts: a merged group "
+        "could mix the two kinds, which no experts module holds"
+    ),
+    "muse_spark_text": "experts normalise their output (post-expert norm): a merged expert has no such norm",
+    "nllb-moe": "encoder-decoder with top-2 capacity routing; not adapted yet",
+    "openai_privacy_filter": (
+        "a bidirectional token-classification encoder: no language-model head, and the pipeline "
+        "merges causal language models"
+    ),
+    "vitpose_backbone": (
+        "a vision backbone whose MoE MLP takes its expert from a dataset index passed as input: "
+        "no router, and no language model"
+    ),
+    "zaya": (
+        "its router is an MLP over a state carried from the previous layer's router, with an extra "
+        "'skip' class: no linear router rows to merge or prune"
+    ),
+}
 
 
 @dataclass
@@ -113,9 +147,120 @@ def tiny_config(model_type: str, adapter=None):
     return cls(**kwargs)
 
 
-def _text_model_type(config) -> str | None:
-    text = getattr(config, "text_config", None)
-    return getattr(text, "model_type", None) if text is not None else None
+def _sub_configs(config_cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """Every model-specific sub-config class under ``config_cls`` (not the generic AutoConfig) with
+    its key path (``thinker_config.text_config``), outer ones first."""
+    from transformers import PretrainedConfig
+
+    out = []
+    for key, sub in (getattr(config_cls, "sub_configs", None) or {}).items():
+        if isinstance(sub, type) and issubclass(sub, PretrainedConfig):
+            out.append((prefix + key, sub))
+    for path, sub in list(out):
+        out += _sub_configs(sub, path + ".")
+    return out
+
+
+def _role(path: str) -> str:
+    """``talker_config.text_config`` -> ``talker text``."""
+    return " ".join(part.removesuffix("_config") for part in path.split(".")).replace("_", " ")
+
+
+@functools.cache
+def _folder_classes(folder: str) -> dict[str, ast.ClassDef]:
+    """The classes of a transformers model folder's modeling files, by name (parsed, not imported)."""
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models" / folder
+    classes = {}
+    for path in sorted(root.glob("modeling_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                classes[node.name] = node
+    return classes
+
+
+def _has_experts(model_type: str) -> bool:
+    """Whether the model class of ``model_type`` holds an experts module anywhere below it: the
+    classes its constructors name, followed through its folder's modeling code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    classes = _folder_classes(model_type_to_module_name(model_type))
+    config_name = CONFIG_MAPPING_NAMES[model_type]
+    todo = [MODEL_MAPPING_NAMES[model_type]] if model_type in MODEL_MAPPING_NAMES else []
+    if not todo:  # a sub-model without an auto class: the classes whose config is this one
+        for name, node in classes.items():
+            for stmt in node.body:
+                annotated = isinstance(stmt, ast.AnnAssign) and ast.unparse(stmt.annotation) == config_name
+                assigned = isinstance(stmt, ast.Assign) and ast.unparse(stmt.value) == config_name
+                if annotated or assigned:
+                    todo.append(name)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in classes:
+            continue
+        seen.add(name)
+        node = classes[name]
+        todo += [ast.unparse(b) for b in node.bases]
+        for fn in node.body:
+            if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
+                for sub in ast.walk(fn):
+                    if (
+                        isinstance(sub, ast.Attribute)
+                        and sub.attr == "experts"
+                        and isinstance(sub.ctx, ast.Store)
+                    ):
+                        return True
+                    if isinstance(sub, ast.Name):
+                        todo.append(sub.id)
+    return False
+
+
+def _reason_without_adapter(model_type: str) -> str:
+    """Why a model type that no adapter takes is not merged: a composite model (its language model
+    is another type), a sub-model of one (with or without experts of its own), or no adapter."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = _config_class(model_type)
+    subs = [(path, sub) for path, sub in _sub_configs(cls) if sub.model_type in CONFIG_MAPPING_NAMES]
+    texts = [(path, sub.model_type) for path, sub in subs if path.endswith("text_config")]
+    if not texts and "text_config" in (getattr(cls, "sub_configs", None) or {}):
+        # A generic text config: the default one's type.
+        default = getattr(getattr(cls(), "text_config", None), "model_type", None)
+        texts = [("text_config", default)] if default else []
+    if texts:
+        # Its language model is the first text model; every other part with experts stays as it is.
+        language = texts[0]
+        others = [(path, sub.model_type) for path, sub in subs if path != language[0]]
+        # A part that holds the language model is no other part.
+        others = [(path, t) for path, t in others if not language[0].startswith(path + ".")]
+        unmerged = [t for _path, t in others if not _sub_configs(_config_class(t)) and _has_experts(t)]
+        reason = f"composite (multimodal) model: its language model is model type {language[1]!r}"
+        if unmerged:
+            reason += f"; the experts of {', '.join(map(repr, unmerged))} are not merged: only its language model's are"
+        return reason
+    folder = model_type_to_module_name(model_type)
+    for parent in sorted(CONFIG_MAPPING_NAMES):
+        if parent == model_type or model_type_to_module_name(parent) != folder:
+            continue
+        path = next((path for path, sub in _sub_configs(_config_class(parent)) if sub is cls), None)
+        if path is None:
+            continue
+        role = _role(path)
+        if path.endswith("text_config") and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return (
+                f"the {role} model of {parent!r} has no causal-LM class of its own: transformers builds "
+                "it only inside the multimodal model, which the pipeline does not load"
+            )
+        if _has_experts(model_type):
+            return f"{role} experts are not merged: only language models are (the {role} model of {parent!r})"
+        return f"no experts of its own: the {role} model of {parent!r}"
+    if subs:
+        return "composite model without a language model of its own"
+    return "no adapter: its router and experts are not described in the catalog"
 
 
 def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
@@ -299,17 +444,7 @@ def _walk_family(model_type: str, seed: int) -> WalkResult:
     if model_type in KNOWN_UNSUPPORTED:
         return WalkResult(model_type, False, KNOWN_UNSUPPORTED[model_type])
     if model_type not in ADAPTERS:
-        try:
-            text = _text_model_type(_config_class(model_type)())
-        except Exception:  # a config that cannot be built with its defaults
-            text = None
-        if text and text != model_type:
-            return WalkResult(
-                model_type, False, f"composite (multimodal) model: its language model is model type {text!r}"
-            )
-        return WalkResult(
-            model_type, False, "no adapter: its router and experts are not described in the catalog"
-        )
+        return WalkResult(model_type, False, _reason_without_adapter(model_type))
     result = WalkResult(model_type, True)
     try:
         _run_checks(ADAPTERS.get(model_type), model_type, result, seed)
