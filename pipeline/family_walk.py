@@ -284,8 +284,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def _decisive_routers(adapter, model, seed: int) -> None:
-    """Router weights of unit scale (and small random correction biases), so that top-k choices
-    are far from ties and float rounding cannot flip them."""
+    """Router weights of unit scale (and small random correction biases, in the router or among
+    the per-expert router tensors the block holds), so that top-k choices are far from ties and
+    float rounding cannot flip them, and every per-expert tensor takes part in the checks."""
+    from pipeline.families.decoder import resolve
+
+    spec = getattr(adapter, "spec", None)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapter.sparse_layers(model):
@@ -294,6 +298,11 @@ def _decisive_routers(adapter, model, seed: int) -> None:
             for name, b in adapter.router(layer).named_buffers():
                 if b.is_floating_point() and "bias" in name:
                     b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+            for path, _axis in spec.rows[1:] if spec is not None else ():
+                if path.startswith("block."):
+                    t = resolve(path, layer.module, spec.router)
+                    if t is not None and t.is_floating_point():
+                        t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
 
 
 def _merge(model, adapter, groups_of) -> None:
