@@ -250,7 +250,9 @@ def _reason_without_adapter(model_type: str) -> str:
         if path is None:
             continue
         role = _role(path)
-        if path.endswith("text_config") and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if path.endswith("text_config"):
+            if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                break  # a language model of its own: the catalog lacks it
             return (
                 f"the {role} model of {parent!r} has no causal-LM class of its own: transformers builds "
                 "it only inside the multimodal model, which the pipeline does not load"
