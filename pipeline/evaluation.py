@@ -211,11 +211,12 @@ def evaluate_lm_variant(
     speed_batches: int,
     device: torch.device,
     dtype: str = "float32",
+    dense: bool = False,
 ) -> tuple[dict[str, float], dict]:
     """Every figure of ``metrics/evaluate.json`` for one saved causal LM: test perplexity, zero-shot
     accuracy per task (log-likelihood ranking of the choices), size, speed and memory; and the
     per-example results behind them (each test block's NLL sum, each zero-shot example's hit) for
-    paired comparisons."""
+    paired comparisons. ``dense``: a model without experts (the source of an upcycled SMoE)."""
     from pipeline.zeroshot import perplexity_from_rows, row_nlls, suite_accuracy, zero_shot_hits
 
     pad_id = task.tokenizer.pad_token_id
@@ -234,7 +235,7 @@ def evaluate_lm_variant(
     out.update(
         {
             "params_total": count_unique_params(model),
-            **expert_stats(model),
+            **({"experts_total": 0, "expert_params": 0} if dense else expert_stats(model)),
             "bytes_on_disk": bytes_on_disk(folder),
         }
     )

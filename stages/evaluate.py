@@ -11,7 +11,8 @@ prepared multiple-choice tasks; there ``--predictions`` records each test block'
 zero-shot example's hit per variant.
 
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
-with the router remapped or pruned to one output per group.
+with the router remapped or pruned to one output per group. A full SMoE upcycled from a dense
+decoder (``model.upcycle_from``) has that dense model scored beside it (``dense``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
             for m in models.values():
                 check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")
         modes = router_mode_variants(models["merged"], adapter_for(models["merged"]))
+        up = params.model.upcycle_from
+        if up is not None and task.objective == "lm":
+            from pipeline.upcycle_decoder import describe_source, load_dense_decoder
+
+            # The pretrained dense model the full SMoE was upcycled from: the reference row.
+            models = {"dense": load_dense_decoder(describe_source(up.source)), **models}
     results, logps, kls, lm_details = {}, {}, {}, {}
     with (
         tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
@@ -67,10 +74,21 @@ def main(argv: list[str] | None = None) -> None:
             folders[name] = Path(scratch) / name  # saved only to measure its bytes on disk
             save_model(model, folders[name])
             models[name] = model
+        if "dense" in models:
+            # A stock checkpoint (no SMoE layer to describe), saved only to measure its bytes on disk.
+            folders["dense"] = Path(scratch) / "dense"
+            models["dense"].save_pretrained(str(folders["dense"]), safe_serialization=True)
         for v, model in models.items():
             if task.objective == "lm":
                 results[v], lm_details[v] = evaluate_lm_variant(
-                    model, folders[v], task, e.batch_size, e.speed_batches, device, params.runtime.dtype
+                    model,
+                    folders[v],
+                    task,
+                    e.batch_size,
+                    e.speed_batches,
+                    device,
+                    params.runtime.dtype,
+                    dense=v == "dense",
                 )
             else:
                 results[v], logps[v] = evaluate_variant(
