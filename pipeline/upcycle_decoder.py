@@ -129,8 +129,35 @@ def load_dense_decoder(source: DecoderSource) -> nn.Module:
         raise CheckpointError(
             f"{source.name}: {unsupported} has no Qwen2-MoE counterpart; upcycling needs {wanted}"
         )
+    if source.gguf_file:
+        model = _without_gguf_marker(model)
     check_finite_weights(model, source.path)
     return model.eval()
+
+
+def _without_gguf_marker(model: nn.Module) -> nn.Module:
+    """The same weights in a plain model: transformers marks a model read from GGUF as quantised
+    (and refuses to save it), although its weights are dequantised float32 tensors."""
+    cls = type(model)
+    config = type(model.config).from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
+    with torch.device("meta"):
+        plain = cls(config)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    return _fill_meta_buffers(plain, config)
+
+
+def _fill_meta_buffers(model: nn.Module, config) -> nn.Module:
+    """Recompute the rotary frequencies of a model built on the meta device (buffers are not in its
+    state dict), and refuse any tensor still left there."""
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"tensors {left[:3]} of the rebuilt model were never filled in")
+    return model
 
 
 def load_source_tokenizer(source: DecoderSource):
@@ -250,11 +277,6 @@ def upcycle_decoder(
     model.load_state_dict(state, assign=True, strict=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    # Buffers (rotary frequencies) were made on the meta device: recompute them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    model.to(ref.device)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"the upcycled model's tensors {left[:3]} were never filled in")
+    model = _fill_meta_buffers(model, config).to(ref.device)
     check_finite_weights(model, "the upcycled model")
     return model.eval()

@@ -96,6 +96,21 @@ def test_upcycled_model_computes_what_the_dense_one_does(dense, layers, num_expe
     torch.testing.assert_close(_logits(moe, ids), _logits(dense, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_a_gguf_read_model_is_rebuilt_as_a_plain_one(dense, tmp_path):
+    """transformers marks a model read from GGUF as quantised and refuses to save it; the loader
+    rebuilds the same weights as a plain model (checked here on a folder-loaded one)."""
+    from pipeline.upcycle_decoder import _without_gguf_marker
+
+    marked = copy.deepcopy(dense)
+    marked.config.quantization_config = {"quant_method": "gguf"}
+    plain = _without_gguf_marker(marked)
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    ids = _ids()
+    torch.testing.assert_close(_logits(plain.eval(), ids), _logits(dense, ids), atol=0, rtol=0)
+    plain.save_pretrained(str(tmp_path))
+
+
 def test_experts_are_copies_and_the_router_is_seeded(dense):
     before = copy.deepcopy(dense.state_dict())
     a = upcycle_decoder(dense, LAYERS, 4, 2, 0.02, seed=0)
