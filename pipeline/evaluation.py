@@ -212,10 +212,12 @@ def evaluate_lm_variant(
     device: torch.device,
     dtype: str = "float32",
     zero_shot: Callable[[nn.Module], tuple[dict[str, dict], dict[str, list[bool]]]] | None = None,
+    dense: bool = False,
 ) -> tuple[dict[str, float], dict]:
     """Every figure of ``metrics/evaluate.json`` for one saved causal LM: test perplexity, zero-shot
     accuracy per task and their unweighted mean, size, speed and memory; and the per-example results
     behind them (each test block's NLL sum, each zero-shot example's hit) for paired comparisons.
+    ``dense``: a model without experts (the source of an upcycled SMoE).
 
     ``zero_shot`` scores the prepared zero-shot tasks of a model: per task its figures (accuracy,
     ...), and each example's hit (e.g. :func:`pipeline.lm_harness.score_zero_shot` bound to a scorer).
@@ -237,7 +239,7 @@ def evaluate_lm_variant(
     out.update(
         {
             "params_total": count_unique_params(model),
-            **expert_stats(model),
+            **({"experts_total": 0, "expert_params": 0} if dense else expert_stats(model)),
             "bytes_on_disk": bytes_on_disk(folder),
         }
     )

@@ -172,6 +172,21 @@ def freeze_routers(model: nn.Module) -> int:
     return frozen
 
 
+def freeze_outside_moe(model: nn.Module) -> int:
+    """Stop every weight outside the SMoE layers (embeddings, attention, norms, dense FFNs) from
+    training; returns how many tensors still train. Autograd then stops at the lowest SMoE layer."""
+    adapter = adapter_for(model)
+    keep = {id(p) for layer in adapter.sparse_layers(model) for p in layer.module.parameters()}
+    if not keep:
+        raise ValueError("trainable=moe, but the model has no SMoE layer to train")
+    trained = 0
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+        trained += p.requires_grad
+    return trained
+
+
 @torch.no_grad()
 def score_classes(model: nn.Module, batch: dict, class_targets: list[list[int]]) -> torch.Tensor:
     """Log-likelihood of each class's target sequence: ``[batch, n_classes]`` (rank classification).
@@ -260,6 +275,10 @@ def evaluate_accuracy(
     return sum(correct) / len(rows)
 
 
+# What train() updates: every weight, or only the SMoE layers' (experts and routers).
+TRAINABLE = ("all", "moe")
+
+
 @dataclass
 class TrainSettings:
     epochs: float
@@ -273,6 +292,7 @@ class TrainSettings:
     router_aux_loss_coef: float
     eval_every_epochs: float = 1.0
     bucket_batches: int = 0
+    trainable: str = "all"  # all | moe (freeze_outside_moe)
 
 
 @dataclass
@@ -370,6 +390,10 @@ def train(
     if dev_metric is None:
         dev_metric = accuracy_metric(dev_rows, class_targets, pad_id, settings.eval_batch_size, device, dtype)
     shift = adapter_for(model).shift_labels
+    if settings.trainable not in TRAINABLE:
+        raise ValueError(f"unknown trainable={settings.trainable!r}; valid choices: {', '.join(TRAINABLE)}")
+    if settings.trainable == "moe":
+        freeze_outside_moe(model)
     model.to(device).train()
     if kd is not None:
         kd.teacher.to(device).eval()

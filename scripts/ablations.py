@@ -64,6 +64,16 @@ def _cli() -> argparse.Namespace:
     return p.parse_args()
 
 
+def _override_value(value) -> str:
+    """``value`` as `dvc exp run -S` parses it (Hydra's override grammar): JSON for scalars and
+    lists, but a mapping's keys go bare (``{a:1}``), as Hydra reads no quoted key."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def _run(cmd: list[str], env: dict[str, str], log) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log.write(f"$ {' '.join(cmd)}\n{res.stdout}\n")
@@ -219,7 +229,7 @@ def main() -> None:
             # `-S file:key=value` for any params file but DVC's default one.
             where = "" if params_path == "params.yaml" else f"{params_path}:"
             for key, value in overrides.items():
-                cmd += ["-S", f"{where}{key}={json.dumps(value)}"]
+                cmd += ["-S", f"{where}{key}={_override_value(value)}"]
             if args.dry_run:
                 print(" ".join(cmd))
                 continue

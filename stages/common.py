@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def load(args: argparse.Namespace) -> Params:
 
     # Per-tensor load/save bars flood DVC's log; the training bar stays.
     hf_logging.disable_progress_bar()
+    # An upcycled decoder's shared expert has width 0 (pipeline.upcycle_decoder): torch warns at
+    # every build of the model that initialising its empty weights does nothing, which is the point.
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
     if params.runtime.num_threads:
         import torch
 

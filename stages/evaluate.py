@@ -13,7 +13,8 @@ the project's scorer; its name and version are recorded in the metrics and the M
 ``--predictions`` records each test block's NLL and each zero-shot example's hit per variant.
 
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
-with the router remapped or pruned to one output per group.
+with the router remapped or pruned to one output per group. A full SMoE upcycled from a dense
+decoder (``model.upcycle_from``) has that dense model scored beside it (``dense``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
             check_prepared_subsets(task.zero_shot, task.zero_shot_indices, data_dir)
         scorer_record = zero_shot_scorer_record(scorer) if scorer else None
+        up = params.model.upcycle_from
+        if up is not None and task.objective == "lm":
+            from pipeline.upcycle_decoder import describe_source, load_dense_decoder
+
+            # The pretrained dense model the full SMoE was upcycled from: the reference row.
+            models = {"dense": load_dense_decoder(describe_source(up.source)), **models}
     results, logps, kls, lm_details = {}, {}, {}, {}
     logged = section(params, "evaluate", "runtime") | (section(params, "data.data_dir") if data_dir else {})
     with (
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             folders[name] = Path(scratch) / name  # saved only to measure its bytes on disk
             save_model(model, folders[name])
             models[name] = model
+        if "dense" in models:
+            # A stock checkpoint (no SMoE layer to describe), saved only to measure its bytes on disk.
+            folders["dense"] = Path(scratch) / "dense"
+            models["dense"].save_pretrained(str(folders["dense"]), safe_serialization=True)
         for v, model in models.items():
             if task.objective == "lm":
                 results[v], lm_details[v] = evaluate_lm_variant(
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                         dtype=params.runtime.dtype,
                         data_dir=data_dir,
                     ),
+                    dense=v == "dense",
                 )
             else:
                 results[v], logps[v] = evaluate_variant(

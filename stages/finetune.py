@@ -71,6 +71,14 @@ def main(argv: list[str] | None = None) -> None:
                 up.token_block_ratio,
                 up.merge_chunk,
             )
+        elif m.upcycle_from is not None:
+            from pipeline.upcycle_decoder import describe_source, load_dense_decoder, upcycle_decoder
+
+            source = describe_source(m.upcycle_from.source)
+            u = m.upcycle_from
+            model = upcycle_decoder(
+                load_dense_decoder(source), u.layers, u.num_experts, u.top_k, m.router_init_std, params.seed
+            )
         elif m.name_or_path:
             model = load_model(m.name_or_path, trust_remote_code=m.trust_remote_code)
         else:
@@ -104,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             }
             ckpt = None
         else:
+            # The weights it starts from: a resumed checkpoint must have started from the same ones.
             inputs = [args.data] + ([m.name_or_path] if m.name_or_path else [])
+            if m.upcycle_from is not None:
+                inputs.append(source.path)
             ckpt = checkpointing(params, args.out, made_by, *inputs)
             with stop_on_bad_input():
                 summary = train(

@@ -93,6 +93,10 @@ def _keys(params) -> tuple[str, ...]:
 
 
 def _tokenizer(params, texts: list[str], extra: list[str]):
+    if params.model.upcycle_from is not None:
+        from pipeline.upcycle_decoder import describe_source, load_source_tokenizer
+
+        return load_source_tokenizer(describe_source(params.model.upcycle_from.source))
     if params.model.name_or_path:
         from pipeline.sources import dense_source
 
@@ -125,7 +129,7 @@ def _prepare_lm(args, params) -> None:
             "dev": subsample(blocks[-d.dev_blocks :], d.max_dev_samples, params.seed),
             "test": lm_rows(tokenizer, test_text, d.block_size, d.max_test_samples),
         }
-    keys = ("seed", "data", "model.name_or_path")
+    keys = ("seed", "data", "model.name_or_path", "model.upcycle_from")
     with (
         mlflow_run(params, args.params, "prepare", section(params, *keys)) as run,
         atomic_dir(args.out) as tmp,

