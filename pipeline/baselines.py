@@ -368,3 +368,36 @@ def markdown_table(spec: BaselineSpec, summary: dict[str, dict]) -> str:
                 f"| {kl} | {kl_cell} | {row.published or '-'} | {verdict} |"
             )
     return "\n".join(lines)
+
+
+def run_intervals(
+    predictions: dict, reference: str = "full", n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict]:
+    """Each model of one language-modelling evaluation against ``reference``, on the same test
+    blocks and zero-shot examples: the perplexity ratio and the mean zero-shot accuracy difference
+    (points), each with its paired 95% bootstrap interval (over token-weighted blocks; over
+    examples). One run, so the intervals hold the test sets' noise, not run-to-run noise."""
+    if reference not in (predictions.get("nll") or {}):
+        raise ValueError(f"predictions hold no {reference!r} model to compare with")
+    runs = [{"seed": 0, "predictions": predictions}]
+    out = {}
+    for model in predictions["nll"]:
+        if model == reference:
+            continue
+        nll = _lm_paired(runs, model, runs, reference, block_nll, n_boot, seed)
+        zs = _lm_paired(runs, model, runs, reference, zero_shot_values, n_boot, seed)
+        entry = {
+            "perplexity_ratio": {
+                "ratio": math.exp(nll["diff"]),
+                "low": math.exp(nll["ci_examples"][0]),
+                "high": math.exp(nll["ci_examples"][1]),
+            }
+        }
+        if zs is not None:
+            entry["mean_accuracy_points"] = {
+                "diff": 100 * zs["diff"],
+                "low": 100 * zs["ci_examples"][0],
+                "high": 100 * zs["ci_examples"][1],
+            }
+        out[model] = {"reference": reference, "level": CI_LEVEL, **entry}
+    return out

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.baselines import run_intervals
 from pipeline.data import DataError, load_prepared, resolve_data_dir
 from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_reference, lm_predictions
 from pipeline.families import adapter_for
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     for v in VARIANTS:
         p.add_argument(f"--{v.replace('_', '-')}", required=True, help=f"{v} model folder")
     p.add_argument("--predictions", default=None, help="JSON of per-example correctness per variant")
+    p.add_argument(
+        "--intervals",
+        default=None,
+        help="JSON of each language model's perplexity ratio and zero-shot difference to full, with 95%% CIs",
+    )
     args = p.parse_args(argv)
     params = load(args)
     e = params.evaluate
@@ -168,6 +174,20 @@ def main(argv: list[str] | None = None) -> None:
         write_json({**results, **records}, args.metrics)
         if args.predictions and lm_details:
             write_json(lm_predictions(lm_details), args.predictions)
+        if args.intervals and lm_details:
+            intervals = run_intervals(lm_predictions(lm_details), "full")
+            for v, iv in intervals.items():
+                ratio, acc = iv["perplexity_ratio"], iv.get("mean_accuracy_points")
+                print(
+                    f"{v:8s} vs full: perplexity x{ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
+                    + (
+                        f"  zero-shot {acc['diff']:+.1f} [{acc['low']:+.1f}, {acc['high']:+.1f}] points"
+                        if acc
+                        else ""
+                    ),
+                    flush=True,
+                )
+            write_json(intervals, args.intervals)
         if args.predictions and logps:
             rows = task.splits[split]
             labels = torch.tensor([int(r["label"]) for r in rows])

