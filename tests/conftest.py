@@ -221,3 +221,31 @@ def wiki_lm(wiki_tokenizer):
     )
     torch.manual_seed(0)
     return MixtralForCausalLM(config).eval()
+
+
+def run_decoder_stages(params: Path, out: Path, *evaluate_args: str) -> None:
+    """Every stage of ``llm/dvc.yaml`` in-process on ``params``, each output a folder of ``out``
+    (``evaluate_args``: extra arguments of evaluate, e.g. its predictions file)."""
+    from stages import align, compress, evaluate, finetune, group, kd_finetune, merge, prepare, profile
+
+    def run(stage, *argv):
+        name = stage.__name__.split(".")[-1]
+        stage.main(["--params", str(params), "--metrics", str(out / f"{name}.json"), *argv])
+
+    d = out
+    run(prepare, "--out", str(d / "data"))
+    run(finetune, "--data", str(d / "data"), "--out", str(d / "full"))
+    run(profile, "--data", str(d / "data"), "--model", str(d / "full"), "--out", str(d / "profile"))
+    run(align, "--data", str(d / "data"), "--model", str(d / "full"), "--profile", str(d / "profile"),
+        "--out", str(d / "aligned"))  # fmt: skip
+    run(group, "--model", str(d / "aligned"), "--profile", str(d / "profile"), "--out", str(d / "groups"))
+    run(merge, "--model", str(d / "aligned"), "--profile", str(d / "profile"),
+        "--groups", str(d / "groups" / "groups.json"), "--out", str(d / "merged"))  # fmt: skip
+    run(compress, "--model", str(d / "merged"), "--full", str(d / "full"), "--out", str(d / "compressed"),
+        "--out-c", str(d / "c_compressed"))  # fmt: skip
+    run(kd_finetune, "--data", str(d / "data"), "--teacher", str(d / "full"), "--merged", str(d / "merged"),
+        "--compressed", str(d / "compressed"), "--compressed-full", str(d / "c_compressed"),
+        "--out-m-smoe", str(d / "m_smoe"), "--out-mc-smoe", str(d / "mc_smoe"), "--out-c-smoe", str(d / "c_smoe"))  # fmt: skip
+    run(evaluate, "--data", str(d / "data"), "--full", str(d / "full"), "--merged", str(d / "merged"),
+        "--m-smoe", str(d / "m_smoe"), "--mc-smoe", str(d / "mc_smoe"), "--c-smoe", str(d / "c_smoe"),
+        *evaluate_args)  # fmt: skip

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.data import train_bpe_tokenizer
 from pipeline.modeling import build_model, load_model, save_model
-from stages import align, compress, evaluate, finetune, group, kd_finetune, merge, prepare, profile
+from tests.conftest import run_decoder_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,25 +49,7 @@ def zero_shot_run(tmp_path_factory, data_dir):
     p = str(_params(tmp, tmp / "checkpoint"))
     d = tmp / "out"
 
-    def run(stage, *argv):
-        stage.main(["--params", p, "--metrics", str(d / f"{stage.__name__.split('.')[-1]}.json"), *argv])
-
-    run(prepare, "--out", str(d / "data"))
-    run(finetune, "--data", str(d / "data"), "--out", str(d / "full"))
-    run(profile, "--data", str(d / "data"), "--model", str(d / "full"), "--out", str(d / "profile"))
-    run(align, "--data", str(d / "data"), "--model", str(d / "full"), "--profile", str(d / "profile"),
-        "--out", str(d / "aligned"))  # fmt: skip
-    run(group, "--model", str(d / "aligned"), "--profile", str(d / "profile"), "--out", str(d / "groups"))
-    run(merge, "--model", str(d / "aligned"), "--profile", str(d / "profile"),
-        "--groups", str(d / "groups" / "groups.json"), "--out", str(d / "merged"))  # fmt: skip
-    run(compress, "--model", str(d / "merged"), "--full", str(d / "full"), "--out", str(d / "compressed"),
-        "--out-c", str(d / "c_compressed"))  # fmt: skip
-    run(kd_finetune, "--data", str(d / "data"), "--teacher", str(d / "full"), "--merged", str(d / "merged"),
-        "--compressed", str(d / "compressed"), "--compressed-full", str(d / "c_compressed"),
-        "--out-m-smoe", str(d / "m_smoe"), "--out-mc-smoe", str(d / "mc_smoe"), "--out-c-smoe", str(d / "c_smoe"))  # fmt: skip
-    run(evaluate, "--data", str(d / "data"), "--full", str(d / "full"), "--merged", str(d / "merged"),
-        "--m-smoe", str(d / "m_smoe"), "--mc-smoe", str(d / "mc_smoe"), "--c-smoe", str(d / "c_smoe"),
-        "--predictions", str(d / "predictions.json"))  # fmt: skip
+    run_decoder_stages(Path(p), d, "--predictions", str(d / "predictions.json"))
     return tmp, d
 
 

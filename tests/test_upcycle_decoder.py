@@ -25,6 +25,7 @@ from pipeline.upcycle_decoder import (
     load_dense_decoder,
     upcycle_decoder,
 )
+from tests.conftest import run_decoder_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [1, 3]
@@ -313,7 +314,6 @@ def upcycled_run(tmp_path_factory, data_dir):
     """The decoder stages in process on a tiny Llama with its own tokenizer, upcycled (layers 1 and 3
     x 4 experts, top-2): prepare, finetune, profile, align, group, merge, compress, kd_finetune, evaluate."""
     from pipeline.data import train_bpe_tokenizer
-    from stages import align, compress, evaluate, finetune, group, kd_finetune, merge, prepare, profile
 
     tmp = tmp_path_factory.mktemp("upcycled")
     text = (data_dir / "wikitext-2" / "valid.txt").read_text().splitlines()[:2000]
@@ -334,25 +334,7 @@ def upcycled_run(tmp_path_factory, data_dir):
     p.write_text(yaml.safe_dump(params))
     d = tmp / "out"
 
-    def run(stage, *argv):
-        name = stage.__name__.split(".")[-1]
-        stage.main(["--params", str(p), "--metrics", str(d / f"{name}.json"), *argv])
-
-    run(prepare, "--out", str(d / "data"))
-    run(finetune, "--data", str(d / "data"), "--out", str(d / "full"))
-    run(profile, "--data", str(d / "data"), "--model", str(d / "full"), "--out", str(d / "profile"))
-    run(align, "--data", str(d / "data"), "--model", str(d / "full"), "--profile", str(d / "profile"),
-        "--out", str(d / "aligned"))  # fmt: skip
-    run(group, "--model", str(d / "aligned"), "--profile", str(d / "profile"), "--out", str(d / "groups"))
-    run(merge, "--model", str(d / "aligned"), "--profile", str(d / "profile"),
-        "--groups", str(d / "groups" / "groups.json"), "--out", str(d / "merged"))  # fmt: skip
-    run(compress, "--model", str(d / "merged"), "--full", str(d / "full"), "--out", str(d / "compressed"),
-        "--out-c", str(d / "c_compressed"))  # fmt: skip
-    run(kd_finetune, "--data", str(d / "data"), "--teacher", str(d / "full"), "--merged", str(d / "merged"),
-        "--compressed", str(d / "compressed"), "--compressed-full", str(d / "c_compressed"),
-        "--out-m-smoe", str(d / "m_smoe"), "--out-mc-smoe", str(d / "mc_smoe"), "--out-c-smoe", str(d / "c_smoe"))  # fmt: skip
-    run(evaluate, "--data", str(d / "data"), "--full", str(d / "full"), "--merged", str(d / "merged"),
-        "--m-smoe", str(d / "m_smoe"), "--mc-smoe", str(d / "mc_smoe"), "--c-smoe", str(d / "c_smoe"))  # fmt: skip
+    run_decoder_stages(p, d)
     return source, tok, d
 
 
