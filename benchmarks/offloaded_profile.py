@@ -188,7 +188,7 @@ def run_child(spec: dict) -> dict:
     import accelerate.big_modeling  # noqa: F401  (imported outside the measurement)
 
     from pipeline.modeling import load_model
-    from pipeline.offload import meta_model, profile_checkpoint
+    from pipeline.offload import load_offloaded, meta_model, profile_offloaded
     from pipeline.profiling import profile_routing, save_profile
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
@@ -196,13 +196,28 @@ def run_child(spec: dict) -> dict:
     mode, folder = spec["mode"], spec["checkpoint"]
     # The family's modeling code costs ~150 MB of RSS to import: not the profile's memory.
     meta_model(folder, torch.bfloat16)
+    peak_weights = [0]
+
+    def count_weights(model) -> None:
+        # Weight bytes in memory at every module's forward: RAM-mapped modules + what is loaded.
+        def pre(*_args) -> None:
+            n = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+            peak_weights[0] = max(peak_weights[0], n)
+
+        for m in model.modules():
+            m.register_forward_pre_hook(pre)
+
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         if mode == "memory":
-            prof = profile_routing(load_model(folder), rows, 0, spec["batch_size"], torch.device("cpu"))
+            model = load_model(folder)
+            count_weights(model)
+            prof = profile_routing(model, rows, 0, spec["batch_size"], torch.device("cpu"))
         else:
             dm, mm = ({"": "disk"}, None) if mode == "disk" else ("auto", {"cpu": spec["cpu_budget"]})
-            prof = profile_checkpoint(folder, rows, 0, spec["batch_size"], device_map=dm, max_memory=mm)
+            model = load_offloaded(folder, dm, mm)
+            count_weights(model)
+            prof = profile_offloaded(model, rows, 0, spec["batch_size"])
     seconds = time.perf_counter() - t0
     if spec.get("profile_out"):
         Path(spec["profile_out"]).mkdir(parents=True, exist_ok=True)
@@ -212,6 +227,15 @@ def run_child(spec: dict) -> dict:
         "rss_at_start_bytes": rss.start,
         "peak_rss_delta_bytes": rss.peak_delta,
         "peak_rss_delta_sampled_bytes": rss.sampled_delta,
+        "peak_weight_bytes": peak_weights[0],
+        # What the profile itself keeps (kept layer inputs, logits, sums): it grows with the layers.
+        "profile_bytes": sum(
+            t.numel() * t.element_size()
+            for p in prof.values()
+            for t in (p.counts, p.router_logits, p.feature_sum, p.feature_abs_sum, p.feature_sq_sum, p.inputs)
+            if t is not None
+        ),
+        "checkpoint_passes": -(-spec["num_samples"] // spec["batch_size"]),
         "tokens": sum(p.tokens for p in prof.values()),
     }
 
@@ -355,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                     profiles.append(out)
                     print(
                         f"  {config.num_hidden_layers} layers, {mode:6s}: {r['seconds']:7.1f} s, "
-                        f"peak RSS +{_mib(r['peak_rss_delta_bytes'])} MiB (checkpoint {_mib(size)} MiB)"
+                        f"peak RSS +{_mib(r['peak_rss_delta_bytes'])} MiB, weights in memory at most "
+                        f"{_mib(r['peak_weight_bytes'])} MiB, profile {_mib(r['profile_bytes'])} MiB "
+                        f"(checkpoint {_mib(size)} MiB)"
                     )
                 else:
                     print(f"  {config.num_hidden_layers} layers, {mode}: failed: {r['error']}")
@@ -368,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     print()
     header = f"{'layers':>6} {'ckpt MiB':>9} {'layer MiB':>9} | " + " | ".join(
-        f"{m + ' s':>10} {m + ' MiB':>11}" for m in args.modes
+        f"{m + ' s':>10} {m + ' MiB':>11} {'weights':>8}" for m in args.modes
     )
     print(header + " | equal")
     for row in runs:
@@ -376,9 +402,10 @@ def main(argv: list[str] | None = None) -> None:
         for m in args.modes:
             r = row["modes"][m]
             cells.append(
-                f"{'fail':>10} {'':>11}"
+                f"{'fail':>10} {'':>11} {'':>8}"
                 if "error" in r
-                else f"{r['seconds']:>10.1f} {_mib(r['peak_rss_delta_bytes']):>11}"
+                else f"{r['seconds']:>10.1f} {_mib(r['peak_rss_delta_bytes']):>11} "
+                f"{_mib(r['peak_weight_bytes']):>8}"
             )
         print(
             f"{row['layers']:>6} {_mib(row['checkpoint_bytes']):>9} {_mib(row['largest_layer_bytes']):>9} | "
