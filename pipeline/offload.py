@@ -193,7 +193,8 @@ def plan_device_map(
     """The module -> device map the model will be dispatched by, checked before any weight is read.
 
     ``device_map`` is a strategy (:data:`STRATEGIES`; ``max_memory`` caps each device, e.g.
-    ``{"cpu": "8GiB"}`` sends what does not fit in 8 GiB of RAM to ``disk``) or an explicit
+    ``{"cpu": "8GiB"}`` sends what does not fit in 8 GiB of RAM to ``disk``; as in accelerate, a
+    device left out of a given ``max_memory`` is not used, so list the GPUs too) or an explicit
     ``{module name: device}`` map that must cover every parameter of ``model`` (a meta model).
     """
     from accelerate import infer_auto_device_map
@@ -324,8 +325,8 @@ def group_block_offload(model: nn.Module) -> int:
     (router, experts, shared experts) for the block's forward; returns how many blocks changed.
 
     accelerate hooks offloaded leaf modules one by one, so inside the router's forward hook the
-    experts would still be on the meta device. Blocks that are not offloaded, or only partly, are
-    left as they are.
+    experts would still be on the meta device: ``expert_outputs`` then comes out NaN, silently.
+    Blocks that are not offloaded, or only partly, are left as they are.
     """
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
     from accelerate.utils import PrefixedDataset
@@ -333,6 +334,9 @@ def group_block_offload(model: nn.Module) -> int:
     changed = 0
     for layer in adapter_for(model).sparse_layers(model):
         block = layer.module
+        own = _hook(block)
+        if own is not None and getattr(own, "offload", False) and getattr(own, "place_submodules", False):
+            continue  # grouped already (an earlier profile of this model)
         tensors = [*block.parameters()]
         if not tensors or any(t.device.type != "meta" for t in tensors):
             continue
