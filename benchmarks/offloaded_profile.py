@@ -12,6 +12,10 @@ here shard by shard, one decoder layer per shard, never whole in memory: ``--lay
 * ``budget``: the same with ``device_map="auto"`` and ``max_memory={"cpu": --cpu-budget}``: modules
   fill the RAM budget in order, the rest stay on disk.
 
+A checkpoint in the Hub's original format (one tensor per expert) has its disk-mapped experts
+converted and re-saved under a temporary offload folder (``offload_folder_bytes``); this project's
+format and the synthetic checkpoints are read from their shards as they are (0 bytes).
+
 Each measurement runs in a fresh Python process (so one mode's freed memory cannot hide another's
 peak): after the imports (the family's modeling code included: ~150 MB), its RSS is read, the kernel's high-water mark reset
 (``/proc/self/clear_refs``), then the model is loaded and profiled; the peak is ``VmHWM`` minus
@@ -215,7 +219,7 @@ def run_child(spec: dict) -> dict:
             prof = profile_routing(model, rows, 0, spec["batch_size"], torch.device("cpu"))
         else:
             dm, mm = ({"": "disk"}, None) if mode == "disk" else ("auto", {"cpu": spec["cpu_budget"]})
-            model = load_offloaded(folder, dm, mm)
+            model = load_offloaded(folder, dm, mm, spec.get("offload_folder"))
             count_weights(model)
             prof = profile_offloaded(model, rows, 0, spec["batch_size"])
     seconds = time.perf_counter() - t0
@@ -236,6 +240,12 @@ def run_child(spec: dict) -> dict:
             if t is not None
         ),
         "checkpoint_passes": -(-spec["num_samples"] // spec["batch_size"]),
+        # Weights transformers converted and re-saved (Hub-format experts); 0 for this project's format.
+        "offload_folder_bytes": sum(
+            f.stat().st_size
+            for f in Path(spec.get("offload_folder") or "/nonexistent").glob("*")
+            if f.is_file()
+        ),
         "tokens": sum(p.tokens for p in prof.values()),
     }
 
@@ -370,10 +380,12 @@ def main(argv: list[str] | None = None) -> None:
                     "batch_size": args.batch_size,
                     "vocab": config.vocab_size,
                     "cpu_budget": args.cpu_budget,
+                    "offload_folder": str(work / f"offload-{config.num_hidden_layers}-{mode}"),
                     "threads": args.threads,
                     "profile_out": str(out),
                 }
                 r = measure(spec)
+                shutil.rmtree(spec["offload_folder"], ignore_errors=True)
                 row["modes"][mode] = r
                 if "error" not in r:
                     profiles.append(out)
