@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration benchmark-offload mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -71,6 +71,11 @@ benchmark-meo:
 # baselines.yaml method on one switch-base-32-size random model (~25-30 min; ~19 GB RAM with zipit).
 benchmark-calibration:
 	$(PY) -m benchmarks.calibration_cost $(ARGS)
+
+# Routing profile of synthetic bf16 Mixtral checkpoints (2, 4, 8 layers) in RAM, fully on disk and
+# with a RAM budget: wall time and peak RSS against checkpoint size (~3 min; ARGS=--checkpoint DIR).
+benchmark-offload:
+	$(PY) -m benchmarks.offloaded_profile $(ARGS)
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
