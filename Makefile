@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration benchmark-offload mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -76,6 +76,11 @@ benchmark-calibration:
 # with a RAM budget: wall time and peak RSS against checkpoint size (~3 min; ARGS=--checkpoint DIR).
 benchmark-offload:
 	$(PY) -m benchmarks.offloaded_profile $(ARGS)
+
+# Layer-streamed align -> merge 8->4 -> compress of random Mixtral-shaped bf16 checkpoints of 4, 8
+# and 16 layers (hidden 2048; ARGS=--full adds the 24-layer, ~9.7 GB one): seconds and peak RSS.
+benchmark-streamed:
+	$(PY) -m benchmarks.streamed_merge $(ARGS)
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
