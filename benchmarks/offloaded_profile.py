@@ -62,60 +62,29 @@ def write_synthetic_checkpoint(
     kv_heads: int = 4,
     seed: int = 0,
 ) -> int:
-    """Write a random bf16 Mixtral checkpoint, one shard per decoder layer plus one for the rest,
-    tensor names as transformers 5 names them (fused experts); returns its weight bytes.
+    """Write a random bf16 Mixtral checkpoint of about one shard per decoder layer, tensor names as
+    transformers 5 names them (fused experts: read from the shards as they are, no conversion);
+    returns its weight bytes. Never whole in memory (:mod:`benchmarks.synthetic_checkpoint`)."""
+    from benchmarks.synthetic_checkpoint import write_checkpoint
 
-    Each shard's tensors are made, written and dropped before the next: the checkpoint is never
-    whole in memory. Norm weights are ones, everything else N(0, 0.02).
-    """
-    from safetensors.torch import save_file
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-        max_position_embeddings=4096,
-        dtype="bfloat16",
+    head_dim = hidden // heads
+    layer_bytes = 2 * (3 * experts * intermediate * hidden + experts * hidden + 2 * hidden)
+    layer_bytes += 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)
+    info = write_checkpoint(
+        folder,
+        hidden=hidden,
+        layers=layers,
+        experts=experts,
+        intermediate=intermediate,
+        vocab=vocab,
+        heads=heads,
+        kv_heads=kv_heads,
+        top_k=top_k,
+        shard_size=layer_bytes,
+        seed=seed,
+        names="transformers",
     )
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in MixtralForCausalLM(config).state_dict().items()}
-    groups: dict[str, list[str]] = {}
-    for name in shapes:
-        parts = name.split(".")
-        key = f"layer{int(parts[2]):04d}" if name.startswith("model.layers.") else "rest"
-        groups.setdefault(key, []).append(name)
-    g = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
-    order = sorted(k for k in groups if k != "rest") + ["rest"]
-    for i, key in enumerate(order):
-        shard = f"model-{i + 1:05d}-of-{len(order):05d}.safetensors"
-        tensors = {}
-        for name in groups[key]:
-            shape = shapes[name]
-            if name.endswith("norm.weight"):
-                t = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                t = torch.empty(shape, dtype=torch.bfloat16)
-                # Row blocks at a time: no float32 copy of a whole fused experts tensor.
-                for r in range(shape[0]):
-                    t[r] = (torch.randn(shape[1:], generator=g) * 0.02).to(torch.bfloat16)
-            tensors[name] = t
-            weight_map[name] = shard
-            total += t.numel() * t.element_size()
-        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config.save_pretrained(str(folder))
-    return total
+    return info["bytes"]
 
 
 def random_rows(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:

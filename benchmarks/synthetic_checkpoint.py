@@ -23,10 +23,58 @@ DEFAULTS = dict(
 )
 
 
-def tensor_shapes(
-    hidden: int, layers: int, experts: int, intermediate: int, vocab: int, heads: int, kv_heads: int
+def mixtral_config(
+    hidden: int,
+    layers: int,
+    experts: int,
+    intermediate: int,
+    vocab: int,
+    heads: int,
+    kv_heads: int,
+    top_k: int,
 ):
-    """Every tensor of the checkpoint in order, with its shape (Hub naming of Mixtral)."""
+    """The ``MixtralConfig`` of the synthetic checkpoint (bf16, untied output layer)."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def tensor_shapes(
+    hidden: int,
+    layers: int,
+    experts: int,
+    intermediate: int,
+    vocab: int,
+    heads: int,
+    kv_heads: int,
+    names: str = "hub",
+):
+    """Every tensor of the checkpoint in order, with its shape.
+
+    ``names="hub"``: Mixtral's Hub naming (one ``w1``/``w2``/``w3`` per expert), which loaders
+    convert; ``"transformers"``: the names and fused expert tensors of transformers 5's own
+    ``state_dict`` (read from a meta-device model), which loaders take as they are.
+    """
+    if names == "transformers":
+        from transformers import MixtralForCausalLM
+
+        config = mixtral_config(hidden, layers, experts, intermediate, vocab, heads, kv_heads, 2)
+        with torch.device("meta"):
+            return [(k, tuple(v.shape)) for k, v in MixtralForCausalLM(config).state_dict().items()]
+    if names != "hub":
+        raise ValueError(f"unknown tensor naming {names!r}; valid: hub, transformers")
     head_dim = hidden // heads
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
@@ -55,8 +103,14 @@ def _draw(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
     # Unit-scale routers route decisively; 0.02 is the usual init of the other matrices.
-    std = 1.0 if "block_sparse_moe.gate" in name else 0.02
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(torch.bfloat16)
+    std = 1.0 if name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight")) else 0.02
+    if len(shape) < 3:
+        return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(torch.bfloat16)
+    # A fused experts tensor, one expert at a time: no float32 copy of the whole of it.
+    t = torch.empty(shape, dtype=torch.bfloat16)
+    for e in range(shape[0]):
+        t[e] = (torch.randn(shape[1:], generator=gen, dtype=torch.float32) * std).to(torch.bfloat16)
+    return t
 
 
 def write_checkpoint(
@@ -71,29 +125,20 @@ def write_checkpoint(
     top_k: int = DEFAULTS["top_k"],
     shard_size: int = 1_000_000_000,
     seed: int = 0,
+    names: str = "hub",
 ) -> dict:
-    """Write the checkpoint into the folder ``out``; returns its shape, bytes and seconds."""
+    """Write the checkpoint into the folder ``out``; returns its shape, bytes and seconds.
+
+    ``names``: the tensor naming, ``hub`` or ``transformers`` (see :func:`tensor_shapes`).
+    """
     from safetensors.torch import save_file
-    from transformers import MixtralConfig
 
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    )
+    config = mixtral_config(hidden, layers, experts, intermediate, vocab, heads, kv_heads, top_k)
     config.save_pretrained(str(out))
-    shapes = tensor_shapes(hidden, layers, experts, intermediate, vocab, heads, kv_heads)
+    shapes = tensor_shapes(hidden, layers, experts, intermediate, vocab, heads, kv_heads, names)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in shapes:
@@ -133,12 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
     p.add_argument("--shard-size", type=int, default=1_000_000_000, help="bytes per shard (default 1 GB)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--names", choices=("hub", "transformers"), default="hub", help="tensor naming")
     args = p.parse_args(argv)
     info = write_checkpoint(
         args.out,
         **{k: getattr(args, k) for k in DEFAULTS},
         shard_size=args.shard_size,
         seed=args.seed,
+        names=args.names,
     )
     print(json.dumps(info))
 
