@@ -25,7 +25,6 @@ would undo a spread over several GPUs, so it sees the dispatched model through a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,50 +54,15 @@ _SAFETENSORS_DTYPES = {
 def checkpoint_shards(folder: str | Path) -> dict[str, Path]:
     """Every tensor name of a safetensors checkpoint folder and the shard that holds it.
 
-    Reads the index and each shard's header only (no weights). Raises :class:`CheckpointError`
-    naming the first problem: no folder, no config, no safetensors weights, a shard the index
-    names that is missing or unreadable, or a tensor the index puts in a shard that lacks it.
+    Reads the index and each shard's header only (no weights), through the streamed merge's
+    :class:`~pipeline.streaming.CheckpointReader`, which raises :class:`CheckpointError` naming the
+    first problem: no folder, no config, no safetensors weights, a shard the index names that is
+    missing or unreadable, or a tensor the index puts in a shard that lacks it.
     """
-    from safetensors import safe_open
+    from pipeline.streaming import CheckpointReader
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"model folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is not a model folder: no config.json")
-    if (path / "model.safetensors.index.json").is_file():
-        try:
-            weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"{path}/model.safetensors.index.json is not a shard index ({err})"
-            ) from None
-    elif (path / "model.safetensors").is_file():
-        weight_map = None
-    else:
-        raise CheckpointError(
-            f"{path} holds no weights: expected model.safetensors or model.safetensors.index.json"
-        )
-    shards = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
-    keys: dict[str, set[str]] = {}
-    for shard in shards:
-        file = path / shard
-        if not file.is_file():
-            raise CheckpointError(f"{path}: shard {shard} named by model.safetensors.index.json is missing")
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                keys[shard] = set(f.keys())
-        except Exception as err:  # safetensors raises its own error type for a bad header
-            raise CheckpointError(f"{path}: cannot read shard {shard} ({err})") from None
-    if weight_map is None:
-        return {k: path / "model.safetensors" for k in keys["model.safetensors"]}
-    lacking = [k for k, shard in weight_map.items() if k not in keys[shard]]
-    if lacking:
-        raise CheckpointError(
-            f"{path}: the index puts {lacking[0]} in {weight_map[lacking[0]]}, which lacks it "
-            f"({len(lacking)} such tensors); the shards do not match their index"
-        )
-    return {k: path / shard for k, shard in weight_map.items()}
+    reader = CheckpointReader(folder)
+    return {name: reader.folder / shard for name, shard in reader.shard_of.items()}
 
 
 def stored_dtype(shards: Mapping[str, Path]) -> torch.dtype:

@@ -260,7 +260,10 @@ def test_shard_not_matching_its_index_fails(checkpoints, tmp_path, no_loading):
     other = next(s for s in sorted(set(index["weight_map"].values())) if s != index["weight_map"][name])
     index["weight_map"][name] = other
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=f"the index puts {name} in {other}, which lacks it"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"model.safetensors.index.json places {name} in {other}, which does not hold it",
+    ):
         load_offloaded(folder)
 
 
