@@ -14,7 +14,16 @@ from pipeline.families import adapter_for
 from pipeline.modeling import atomic_dir, load_model, save_model
 from pipeline.profiling import load_profile
 from pipeline.training import model_forward
-from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import (
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    weights_dtype,
+    write_json,
+)
 
 
 @torch.no_grad()
@@ -33,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     with stop_on_bad_input():
         task = load_prepared(args.data, splits=("dev",))
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=weights_dtype(params))
         profiles = load_profile(Path(args.profile), model)
     check = collate(
         random.Random(params.merge_seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),

@@ -14,7 +14,16 @@ from pipeline.evaluation import expert_stats
 from pipeline.families import adapter_for
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.routing import set_router_mode
-from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import (
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    weights_dtype,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     c = params.compress
     sources = {"mc_smoe": args.model, "c_smoe": args.full}
     with stop_on_bad_input():
-        models = {"mc_smoe": load_model(args.model), "c_smoe": load_model(args.full)}
+        wd = weights_dtype(params)
+        models = {"mc_smoe": load_model(args.model, dtype=wd), "c_smoe": load_model(args.full, dtype=wd)}
         tokenizers = {name: load_tokenizer(f) for name, f in sources.items()}
         adapter = adapter_for(models["mc_smoe"])
         # MC-SMoE's router takes its final form before its experts are compressed.

@@ -36,7 +36,7 @@ from pipeline.modeling import load_model, resolve_device, save_model
 from pipeline.plots import accuracy_vs_size_figure
 from pipeline.routing import router_mode_refusals, router_mode_variants
 from pipeline.training import check_token_ids, evaluate_accuracy
-from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 from stages.tracking import repo_root
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         task = load_prepared(args.data, splits=(split,))
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
-        models = {v: load_model(f) for v, f in folders.items()}
+        models = {v: load_model(f, dtype=weights_dtype(params)) for v, f in folders.items()}
         if task.objective != "lm":
             for m in models.values():
                 check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")

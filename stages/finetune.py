@@ -14,7 +14,9 @@ from pipeline.data import load_prepared
 from pipeline.modeling import (
     atomic_dir,
     build_model,
+    cast_weights,
     count_unique_params,
+    float32_master_weights,
     load_model,
     resolve_device,
     save_model,
@@ -30,6 +32,7 @@ from stages.common import (
     parser,
     section,
     stop_on_bad_input,
+    weights_dtype,
     write_json,
 )
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             if m.init_embeddings_from:
                 print("embeddings:", transfer_embeddings(model, tok, m.init_embeddings_from), flush=True)
+        if weights_dtype(params) is not None:
+            cast_weights(model, weights_dtype(params), "the model to fine-tune")
         device = resolve_device(params.runtime.device)
     ft = params.finetune
     settings = TrainSettings(**ft.model_dump())
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             if m.upcycle_from is not None:
                 inputs.append(source.path)
             ckpt = checkpointing(params, args.out, made_by, *inputs)
-            with stop_on_bad_input():
+            with stop_on_bad_input(), float32_master_weights(model):
                 summary = train(
                     model,
                     task.splits["train"],

@@ -13,7 +13,7 @@ from pipeline.grouping import group_model
 from pipeline.modeling import atomic_dir, load_model
 from pipeline.plots import plot_groups
 from pipeline.profiling import load_profile
-from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load(args)
     g, t0 = params.group, time.time()
     with stop_on_bad_input():
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=weights_dtype(params))
         profiles = load_profile(Path(args.profile), model)
     adapter = adapter_for(model)
     layers = adapter.sparse_layers(model)

@@ -22,7 +22,16 @@ from pipeline.merging import merge_model
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.plots import plot_stable_rank_change
 from pipeline.profiling import load_profile
-from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import (
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    weights_dtype,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load(args)
     t0 = time.time()
     with stop_on_bad_input():
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=weights_dtype(params))
         profiles = load_profile(Path(args.profile), model)
         groups = read_json(Path(args.groups), "expert groups")
         adapter = adapter_for(model)

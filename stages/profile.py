@@ -12,7 +12,7 @@ from pipeline.modeling import atomic_dir, load_model, resolve_device
 from pipeline.plots import plot_expert_usage
 from pipeline.profiling import profile_gradients, profile_routing, save_profile
 from pipeline.training import check_token_ids
-from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     with stop_on_bad_input():
         task = load_prepared(args.data, splits=("train",))
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=weights_dtype(params))
         device = resolve_device(params.runtime.device)
     rows = task.splits["train"]
     n = params.profile.num_samples

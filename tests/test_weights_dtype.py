@@ -1,0 +1,121 @@
+"""runtime.weights_dtype: the dtype weights are held and saved in, apart from autocast.
+
+A bf16 checkpoint stays bf16 in every stage's output folder; training runs on float32 master
+weights and saves in the storage dtype; float16 refuses weights beyond its range.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.data import train_bpe_tokenizer
+from pipeline.modeling import (
+    CheckpointError,
+    build_model,
+    cast_weights,
+    float32_master_weights,
+    floating_dtype,
+    load_model,
+    save_model,
+)
+from tests.conftest import TINY_MIXTRAL, run_decoder_stages
+from tests.test_llm_stages import _params
+
+MODEL_FOLDERS = ("full", "aligned", "merged", "compressed", "c_compressed", "m_smoe", "mc_smoe", "c_smoe")
+
+
+def stored_dtypes(folder: Path) -> set[str]:
+    """The safetensors dtypes of every floating tensor a model folder stores (headers only)."""
+    out = set()
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        out |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+    return out
+
+
+def _mixtral(dtype=None):
+    return build_model("mixtral", {**TINY_MIXTRAL, "num_local_experts": 4}, 96, 0, 1, 0.02, 0, dtype=dtype)
+
+
+def test_build_model_casts_after_a_float32_init():
+    ref, bf = _mixtral(), _mixtral(torch.bfloat16)
+    assert floating_dtype(ref) == torch.float32 and floating_dtype(bf) == torch.bfloat16
+    for (n, a), (_, b) in zip(ref.named_parameters(), bf.named_parameters(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), n
+
+
+def test_load_model_keeps_the_stored_dtype_or_casts(tmp_path):
+    save_model(_mixtral(torch.bfloat16), tmp_path / "bf16")
+    assert floating_dtype(load_model(tmp_path / "bf16")) == torch.bfloat16
+    assert floating_dtype(load_model(tmp_path / "bf16", dtype=torch.float32)) == torch.float32
+    save_model(_mixtral(), tmp_path / "fp32")
+    a = load_model(tmp_path / "fp32")
+    b = load_model(tmp_path / "fp32", dtype=torch.float32)  # already float32: untouched, bit for bit
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_float16_refuses_weights_beyond_its_range():
+    model = _mixtral()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = 1e6
+    with pytest.raises(CheckpointError, match=r"lm_head.weight holds values beyond float16's range.*bfloat16"):
+        cast_weights(model, torch.float16, "m")
+    assert floating_dtype(model) == torch.float32  # nothing cast
+
+
+def test_float32_master_weights_train_in_float32_and_restore_storage():
+    model = _mixtral(torch.bfloat16)
+    with float32_master_weights(model):
+        assert floating_dtype(model) == torch.float32
+    assert floating_dtype(model) == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("bf16")
+    text = (data_dir / "wikitext-2" / "valid.txt").read_text().splitlines()[:2000]
+    tok = train_bpe_tokenizer(text, 400, [])
+    cfg = yaml.safe_load((Path(__file__).parent / "tiny_llm_params.yaml").read_text())["model"]["config"]
+    model = build_model("mixtral", cfg, len(tok), tok.pad_token_id, tok.eos_token_id, 1.0, 0, torch.bfloat16)
+    save_model(model, tmp / "checkpoint", tokenizer=tok)
+    p = _params(tmp, tmp / "checkpoint")
+    d = tmp / "out"
+    run_decoder_stages(p, d)
+    return tmp, p, d
+
+
+def test_bf16_checkpoint_stays_bf16_in_every_output_folder(bf16_run):
+    _, _, d = bf16_run
+    for name in MODEL_FOLDERS:
+        assert stored_dtypes(d / name) == {"BF16"}, name
+        assert json.loads((d / name / "config.json").read_text())["dtype"] == "bfloat16", name
+    results = json.loads((d / "evaluate.json").read_text())
+    flat = json.dumps(results)
+    assert "NaN" not in flat and "Infinity" not in flat
+
+
+def test_finetune_trains_on_float32_master_weights_and_saves_bf16(bf16_run):
+    from stages import finetune
+
+    tmp, p, d = bf16_run
+    params = yaml.safe_load(p.read_text())
+    params["zero_shot"] = False
+    params["model"].update({"name_or_path": str(tmp / "checkpoint")})
+    params["finetune"].update({"epochs": 0.25, "eval_every_epochs": 1.0})
+    q = tmp / "train.yaml"
+    q.write_text(yaml.safe_dump(params))
+    finetune.main(["--params", str(q), "--metrics", str(tmp / "ft.json"), "--data", str(d / "data"),
+                   "--out", str(tmp / "trained")])  # fmt: skip
+    assert stored_dtypes(tmp / "trained") == {"BF16"}
+    before, after = load_model(tmp / "checkpoint"), load_model(tmp / "trained")
+    changed = [n for n, t in after.state_dict().items() if not torch.equal(t, before.state_dict()[n])]
+    assert changed, "training moved no bf16 weight"
+    assert all(torch.isfinite(t).all() for t in after.state_dict().values())
