@@ -362,11 +362,12 @@ def bytes_on_disk(folder: str | Path) -> int:
 
 
 def count_unique_params(module: nn.Module) -> int:
-    """Parameters counted once even when tied or shared."""
+    """Parameters counted once even when tied or shared (on the meta device: shared objects)."""
     seen, total = set(), 0
     for p in module.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        key = id(p) if p.is_meta else p.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += p.numel()
     return total
 

@@ -1,4 +1,6 @@
-"""runtime.weights_dtype: the dtype weights are held and saved in, apart from autocast.
+"""Stages on big models: runtime.weights_dtype (the dtype weights are held and saved in, apart from
+autocast), runtime.streaming (align, merge, compress layer by layer) and runtime.device_map
+(an offloaded profile).
 
 A bf16 checkpoint stays bf16 in every stage's output folder; training runs on float32 master
 weights and saves in the storage dtype; float16 refuses weights beyond its range.
@@ -37,7 +39,11 @@ def stored_dtypes(folder: Path) -> set[str]:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        out |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+        out |= {
+            v["dtype"]
+            for k, v in header.items()
+            if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))
+        }
     return out
 
 
@@ -59,14 +65,18 @@ def test_load_model_keeps_the_stored_dtype_or_casts(tmp_path):
     save_model(_mixtral(), tmp_path / "fp32")
     a = load_model(tmp_path / "fp32")
     b = load_model(tmp_path / "fp32", dtype=torch.float32)  # already float32: untouched, bit for bit
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_float16_refuses_weights_beyond_its_range():
     model = _mixtral()
     with torch.no_grad():
         model.lm_head.weight[0, 0] = 1e6
-    with pytest.raises(CheckpointError, match=r"lm_head.weight holds values beyond float16's range.*bfloat16"):
+    with pytest.raises(
+        CheckpointError, match=r"lm_head.weight holds values beyond float16's range.*bfloat16"
+    ):
         cast_weights(model, torch.float16, "m")
     assert floating_dtype(model) == torch.float32  # nothing cast
 
@@ -119,3 +129,84 @@ def test_finetune_trains_on_float32_master_weights_and_saves_bf16(bf16_run):
     changed = [n for n, t in after.state_dict().items() if not torch.equal(t, before.state_dict()[n])]
     assert changed, "training moved no bf16 weight"
     assert all(torch.isfinite(t).all() for t in after.state_dict().values())
+
+
+def _variant(p: Path, name: str, **runtime) -> Path:
+    params = yaml.safe_load(p.read_text())
+    params["runtime"].update(runtime)
+    q = p.with_name(f"{name}.yaml")
+    q.write_text(yaml.safe_dump(params))
+    return q
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_streamed_align_merge_compress_write_the_in_memory_tensors(bf16_run):
+    from stages import align, compress, merge
+
+    tmp, p, d = bf16_run
+    q, s = _variant(p, "streaming", streaming=True), tmp / "streamed"
+    # The fine-tuned model as a sharded checkpoint (several shards and an index).
+    load_model(d / "full").save_pretrained(str(s / "full"), max_shard_size="40KB", save_original_format=False)
+    assert len(list((s / "full").glob("*.safetensors"))) > 2
+
+    def run(stage, *argv):
+        stage.main(["--params", str(q), "--metrics", str(s / f"{stage.__name__[7:]}.json"), *argv])
+
+    run(align, "--data", str(d / "data"), "--model", str(s / "full"), "--profile", str(d / "profile"),
+        "--out", str(s / "aligned"))  # fmt: skip
+    run(merge, "--model", str(s / "aligned"), "--profile", str(d / "profile"), "--groups",
+        str(d / "groups" / "groups.json"), "--out", str(s / "merged"), "--plot", str(s / "sr.png"))  # fmt: skip
+    run(compress, "--model", str(s / "merged"), "--full", str(s / "full"), "--out", str(s / "compressed"),
+        "--out-c", str(s / "c_compressed"), "--aligned", str(s / "aligned"), "--profile", str(d / "profile"),
+        "--groups", str(d / "groups" / "groups.json"))  # fmt: skip
+    for name in ("aligned", "merged", "compressed", "c_compressed"):
+        ref, got = _tensors(d / name), _tensors(s / name)
+        assert sorted(ref) == sorted(got), name
+        for k in ref:
+            assert ref[k].dtype == got[k].dtype and torch.equal(ref[k], got[k]), (name, k)
+        assert stored_dtypes(s / name) == {"BF16"}, name
+        assert json.loads((s / name / "smoe_structure.json").read_text() if name != "aligned" else "{}") == (
+            json.loads((d / name / "smoe_structure.json").read_text()) if name != "aligned" else {}
+        )
+    assert json.loads((s / "merged" / "merge_report.json").read_text()) == json.loads(
+        (d / "merged" / "merge_report.json").read_text()
+    )
+    # Metrics: the in-memory keys, less those that need the whole model's weights.
+    for stage, missing in (
+        ("align", {"max_abs_logit_change"}),
+        ("merge", {"stable_rank"}),
+        ("compress", set()),
+    ):
+        ref, got = (
+            json.loads((d / f"{stage}.json").read_text()),
+            json.loads((s / f"{stage}.json").read_text()),
+        )
+        assert set(got) == set(ref) - missing, stage
+    ref, got = json.loads((d / "compress.json").read_text()), json.loads((s / "compress.json").read_text())
+    for name in ref:
+        assert {k: v for k, v in got[name].items() if k != "seconds"} == {
+            k: v for k, v in ref[name].items() if k != "seconds"
+        }
+
+
+def test_offloaded_profile_stage_gives_the_in_memory_profile(bf16_run):
+    from stages import profile
+
+    tmp, p, d = bf16_run
+    q = _variant(p, "offload", device_map="auto", max_memory={"cpu": "30KB"}, offload_folder=str(tmp / "off"))
+    profile.main(["--params", str(q), "--metrics", str(tmp / "profile_off.json"), "--data", str(d / "data"),
+                  "--model", str(d / "full"), "--out", str(tmp / "profile_off")])  # fmt: skip
+    ref, got = _tensors(d / "profile"), _tensors(tmp / "profile_off")
+    assert sorted(ref) == sorted(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    a, b = json.loads((d / "profile.json").read_text()), json.loads((tmp / "profile_off.json").read_text())
+    assert a["layers"] == b["layers"]
