@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _streamed(args, params, t0: float) -> None:
-    """runtime.streaming: the aligned checkpoint merged one SMoE layer at a time. The expert counts
-    come from the result's shapes; stable_rank (each dominant expert before and after) and
-    shared_expert_params_untouched, which need the whole model's weights, are not measured."""
+    """runtime.streaming: the aligned checkpoint merged one SMoE layer at a time. The parameter
+    counts come from the result's shapes; stable_rank (each dominant expert's weights before and
+    after) is not measured."""
     m = params.merge
     with stop_on_bad_input():
         groups = read_json(Path(args.groups), "expert groups")
@@ -135,6 +135,10 @@ def _streamed(args, params, t0: float) -> None:
         }
         if shift:
             metrics["preactivation_shift"] = shift
+        adapter = adapter_for(saved)
+        shared = {ly.name: s for ly in adapter.sparse_layers(saved) if (s := adapter.shared_experts(ly))}
+        if shared:
+            metrics["shared_expert_params_untouched"] = sum(sum(s.values()) for s in shared.values())
         if args.plot:
             # The declared plot still exists, empty: stable ranks are not measured when streaming.
             plot = Path(args.plot)
