@@ -131,6 +131,27 @@ def test_finetune_trains_on_float32_master_weights_and_saves_bf16(bf16_run):
     assert all(torch.isfinite(t).all() for t in after.state_dict().values())
 
 
+def test_kd_trains_bf16_students_on_float32_master_weights(bf16_run):
+    from stages import kd_finetune
+
+    tmp, p, d = bf16_run
+    params = yaml.safe_load(p.read_text())
+    params["zero_shot"] = False
+    params["kd"]["train"].update({"epochs": 0.25, "eval_every_epochs": 1.0})
+    q = tmp / "kd.yaml"
+    q.write_text(yaml.safe_dump(params))
+    o = tmp / "kd"
+    kd_finetune.main(["--params", str(q), "--metrics", str(o / "kd.json"), "--data", str(d / "data"),
+        "--teacher", str(d / "full"), "--merged", str(d / "merged"), "--compressed", str(d / "compressed"),
+        "--compressed-full", str(d / "c_compressed"), "--out-m-smoe", str(o / "m_smoe"),
+        "--out-mc-smoe", str(o / "mc_smoe"), "--out-c-smoe", str(o / "c_smoe")])  # fmt: skip
+    for name, source in (("m_smoe", "merged"), ("mc_smoe", "compressed"), ("c_smoe", "c_compressed")):
+        assert stored_dtypes(o / name) == {"BF16"}, name
+        before, after = _tensors(d / source), _tensors(o / name)
+        assert any(not torch.equal(t, before[k]) for k, t in after.items() if k in before), name
+        assert all(torch.isfinite(t.float()).all() for t in after.values() if t.is_floating_point()), name
+
+
 def _variant(p: Path, name: str, **runtime) -> Path:
     params = yaml.safe_load(p.read_text())
     params["runtime"].update(runtime)
