@@ -11,7 +11,7 @@ import torch
 from pipeline.align import align_model
 from pipeline.data import collate, load_prepared
 from pipeline.families import adapter_for
-from pipeline.modeling import atomic_dir, load_model, save_model
+from pipeline.modeling import atomic_dir, cast_weights, floating_dtype, load_model, save_model
 from pipeline.profiling import load_profile
 from pipeline.streaming import stream_merge
 from pipeline.training import model_forward
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     with stop_on_bad_input():
         task = load_prepared(args.data, splits=("dev",))
         model = load_model(args.model, dtype=weights_dtype(params))
+        storage = floating_dtype(model)
         profiles = load_profile(Path(args.profile), model)
     check = collate(
         random.Random(params.merge_seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         # Alignment must not change what the model computes; record the evidence.
         diff = float((_logits(model, check) - before).abs().max())
+        if storage != torch.float32:
+            # Stock routers computing in float32 (Switch) cast themselves there at each forward.
+            cast_weights(model, storage, args.model)
         with atomic_dir(args.out) as tmp:
             save_model(model, tmp, params=lineage(params, ("align",), args.model), tokenizer=task.tokenizer)
         metrics = {

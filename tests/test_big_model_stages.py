@@ -231,3 +231,21 @@ def test_offloaded_profile_stage_gives_the_in_memory_profile(bf16_run):
         assert torch.equal(ref[k], got[k]), k
     a, b = json.loads((d / "profile.json").read_text()), json.loads((tmp / "profile_off.json").read_text())
     assert a["layers"] == b["layers"]
+
+
+def test_bf16_switch_router_modes_compute_in_the_routers_float32(tiny_model, batch):
+    # The stock Switch router casts itself to router_dtype (float32) at each forward; the
+    # log-sum-exp group router of prune-logsumexp does the same, so a bf16 Switch evaluates.
+    from pipeline.families import adapter_for
+    from pipeline.routing import set_router_mode
+    from tests.conftest import logits
+    from tests.test_routing import UNEVEN, _merge
+
+    adapter = _merge(tiny_model, UNEVEN)
+    set_router_mode(tiny_model, adapter, "prune-logsumexp")
+    cast_weights(tiny_model, torch.bfloat16, "tiny")
+    out = logits(tiny_model, batch)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert {
+        adapter_for(tiny_model).router(ly).classifier.weight.dtype for ly in adapter.sparse_layers(tiny_model)
+    } == {torch.float32}
