@@ -218,6 +218,16 @@ def test_streamed_align_merge_compress_write_the_in_memory_tensors(bf16_run):
         }
 
 
+def test_streamed_group_stage_reads_no_weight_and_gives_the_same_groups(bf16_run):
+    from stages import group
+
+    tmp, p, d = bf16_run
+    q = _variant(p, "streaming_group", streaming=True)
+    group.main(["--params", str(q), "--metrics", str(tmp / "group_s.json"), "--model", str(d / "aligned"),
+                "--profile", str(d / "profile"), "--out", str(tmp / "groups_s")])  # fmt: skip
+    assert (tmp / "groups_s" / "groups.json").read_text() == (d / "groups" / "groups.json").read_text()
+
+
 def test_offloaded_profile_stage_gives_the_in_memory_profile(bf16_run):
     from stages import profile
 
