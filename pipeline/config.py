@@ -299,8 +299,40 @@ def _check_model_config(family: str, config: dict[str, Any]) -> None:
 
 class RuntimeParams(_Section):
     device: str = "auto"
+    # Autocast dtype of forward passes (compute); the weights stay in weights_dtype.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     num_threads: int | None = Field(None, ge=1)
+    # The dtype weights are held in by every stage that loads or builds a model, and saved in:
+    # auto = as the checkpoint stores them (float32 for a model built from model.config).
+    weights_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # align, merge and compress stream the checkpoint one SMoE layer at a time (pipeline.streaming):
+    # for decoder checkpoints bigger than memory.
+    streaming: bool = False
+    # profile loads the model dispatched by accelerate over GPUs, RAM and disk (pipeline.offload):
+    # a strategy (auto | balanced | balanced_low_0 | sequential) or one device (cpu, cuda:N, disk);
+    # null loads it whole on runtime.device. max_memory caps each device ({cpu: 8GiB, 0: 70GiB});
+    # offload_folder holds disk-offloaded weights that need converting.
+    device_map: str | None = None
+    max_memory: dict[str | int, str | int] | None = None
+    offload_folder: str | None = None
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, v: str | None) -> str | None:
+        from pipeline.offload import STRATEGIES
+
+        if v is None or v in STRATEGIES or v in ("cpu", "disk", "cuda") or re.fullmatch(r"cuda:\d+", v):
+            return v
+        raise ValueError(f"{v!r} is not one of null, {', '.join(STRATEGIES)}, cpu, cuda, cuda:N, disk")
+
+    @model_validator(mode="after")
+    def _offload_needs_map(self) -> RuntimeParams:
+        for key in ("max_memory", "offload_folder"):
+            if getattr(self, key) is not None and self.device_map is None:
+                raise ValueError(
+                    f"runtime.{key} only applies to an offloaded profile: set runtime.device_map too"
+                )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -628,6 +660,7 @@ class Params(_Section):
                         f"{key}={value} needs gradients from profiling: set profile.gradients: true"
                     )
         self._check_methods()
+        self._check_big_model()
         refusal = ADAPTERS.get(self.model.family).router_mode_refusal(self.merge.router)
         if refusal:
             raise ValueError(f"{refusal} ({self.model.family})")
@@ -654,6 +687,47 @@ class Params(_Section):
         if progressive and self.merge.router != "prune":
             raise ValueError(
                 "kd.prune.method=task-specific drops the pruned experts and their router rows: set merge.router: prune"
+            )
+
+    def _check_big_model(self) -> None:
+        """What the streamed (runtime.streaming) and offloaded (runtime.device_map) paths support."""
+        from pipeline.families import ADAPTERS
+        from pipeline.families.decoder import DecoderAdapter
+
+        r = self.runtime
+        if r.streaming:
+            from pipeline.streaming import STREAM_ALIGNERS, STREAM_REPAIRS, STREAM_STRATEGIES
+
+            if not isinstance(ADAPTERS.get(self.model.family), DecoderAdapter) or self.upcycle is not None:
+                decoders = [n for n in ADAPTERS.names() if isinstance(ADAPTERS.get(n), DecoderAdapter)]
+                raise ValueError(
+                    f"runtime.streaming takes decoder families ({', '.join(decoders)}), not "
+                    f"model.family={self.model.family}{' with upcycle' if self.upcycle else ''}; set runtime.streaming: false"
+                )
+            for key, value, allowed in (
+                ("align.method", self.align.method, STREAM_ALIGNERS),
+                ("merge.strategy", self.merge.strategy, STREAM_STRATEGIES),
+                ("merge.repair", self.merge.repair, STREAM_REPAIRS),
+            ):
+                if value not in allowed:
+                    raise ValueError(
+                        f"{key}={value} is not supported with runtime.streaming: true (it needs the whole "
+                        f"model); valid choices: {', '.join(allowed)}"
+                    )
+        for key, on in (
+            ("runtime.streaming: true", r.streaming),
+            (f"runtime.device_map={r.device_map}", r.device_map),
+        ):
+            if on and r.weights_dtype != "auto":
+                raise ValueError(
+                    f"{key} keeps the checkpoint's stored dtype; runtime.weights_dtype={r.weights_dtype} "
+                    "is not supported with it: set runtime.weights_dtype: auto"
+                )
+        if r.device_map is not None and self.profile.gradients:
+            raise ValueError(
+                f"profile.gradients: true needs backward passes, which the offloaded profile "
+                f"(runtime.device_map={r.device_map}) does not run; set profile.gradients: false or "
+                "runtime.device_map: null"
             )
 
     def _check_expert_shapes(self) -> None:

@@ -74,6 +74,9 @@ def layer_data(adapter: MoEAdapter, layer: SparseLayer, profile: LayerProfile, s
 
 Similarity = Callable[[LayerData], torch.Tensor]
 SIMILARITIES: Registry[Similarity] = Registry("similarity")
+#: Similarities computed from the routing profile alone: grouping with them never reads a weight,
+#: so it runs on a model whose weights stay on the meta device (pipeline.streaming.meta_model_of).
+PROFILE_ONLY_SIMILARITIES = ("router-logits", "expert-feature", "expert-feature-abs", "random")
 
 
 def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:

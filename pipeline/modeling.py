@@ -20,6 +20,8 @@ from pipeline.families import ADAPTERS, ModelStructureError, adapter_for
 STRUCTURE_FILE = "smoe_structure.json"
 PARAMS_FILE = "params.yaml"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# The dtypes weights may be held in (runtime.weights_dtype); "auto" keeps a checkpoint's own.
+WEIGHTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(RuntimeError):
@@ -34,8 +36,13 @@ def build_model(
     eos_id: int,
     router_init_std: float | None,
     seed: int,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """A randomly initialised SMoE of ``family`` from config keyword arguments."""
+    """A randomly initialised SMoE of ``family`` from config keyword arguments.
+
+    Initialised in float32 whatever ``dtype`` (so one seed gives one model), then cast to ``dtype``
+    (None: stays float32).
+    """
     adapter = ADAPTERS.get(family)
     kwargs = dict(config_kwargs)
     if kwargs.get("vocab_size", vocab_size) < vocab_size:
@@ -57,6 +64,46 @@ def build_model(
                 for p in adapter.router(layer).parameters():
                     p.normal_(0.0, router_init_std) if p.dim() > 1 else p.zero_()
     _require_sparse(model)
+    if dtype is not None:
+        cast_weights(model, dtype, f"the {family} model built from model.config")
+    return model
+
+
+def weights_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a ``runtime.weights_dtype`` value names; None for ``auto`` (as stored)."""
+    if name == "auto":
+        return None
+    if name not in WEIGHTS_DTYPES:
+        raise ValueError(f"unknown weights dtype {name!r}; valid choices: auto, {', '.join(WEIGHTS_DTYPES)}")
+    return WEIGHTS_DTYPES[name]
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's floating-point weights are held in (the first such parameter's)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype, source: str | Path) -> nn.Module:
+    """Hold every floating weight of ``model`` in ``dtype`` (in place); refuse a cast that overflows.
+
+    A no-op (same tensors, bit for bit) when the weights already are ``dtype``. float16's range ends
+    at 65504: a larger weight would become inf, so the cast is refused rather than made.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return model
+    if dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > limit:
+                raise CheckpointError(
+                    f"{source}: weight {name} holds values beyond float16's range (|x| > {limit:.0f}); "
+                    "runtime.weights_dtype: float16 would turn them into inf: use bfloat16 or float32"
+                )
+    model.to(dtype)
     return model
 
 
@@ -109,11 +156,31 @@ def _has_weights(path: Path) -> bool:
     return any((path / f).is_file() for f in WEIGHT_FILES)
 
 
-def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.Module:
+@contextmanager
+def float32_master_weights(model: nn.Module):
+    """Train ``model`` on float32 weights, then hold them again in the dtype they had before.
+
+    Low-precision storage is for holding and merging weights, not for optimiser steps: bfloat16
+    keeps 8 significant bits, so an AdamW update below 2^-8 of a weight rounds away and training
+    stalls. Autocast (``runtime.dtype``) still gives low-precision compute. A no-op on float32.
+    """
+    storage = floating_dtype(model)
+    if storage == torch.float32:
+        yield model
+        return
+    model.float()
+    yield model
+    cast_weights(model, storage, "the trained model")
+
+
+def load_model(
+    name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a stock checkpoint (local folder or Hub id) or one saved by :func:`save_model`.
 
     Weights are read from safetensors only; merged/compressed layers are rebuilt from the
-    structure file before their weights are loaded.
+    structure file before their weights are loaded. They are held in the dtype they were stored in,
+    or cast to ``dtype`` when given (:func:`cast_weights`).
     """
     from transformers import AutoConfig
 
@@ -156,6 +223,8 @@ def load_model(name_or_path: str | Path, trust_remote_code: bool = False) -> nn.
         raise CheckpointError(f"cannot load weights from {name_or_path}: {err}") from None
     check_finite_weights(model, name_or_path)
     _require_sparse(model)
+    if dtype is not None:
+        cast_weights(model, dtype, name_or_path)
     model.eval()
     return model
 
@@ -293,11 +362,12 @@ def bytes_on_disk(folder: str | Path) -> int:
 
 
 def count_unique_params(module: nn.Module) -> int:
-    """Parameters counted once even when tied or shared."""
+    """Parameters counted once even when tied or shared (on the meta device: shared objects)."""
     seen, total = set(), 0
     for p in module.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        key = id(p) if p.is_meta else p.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += p.numel()
     return total
 

@@ -612,7 +612,7 @@ def stream_merge(
     scope: str = "merged",
     max_shard_size: int | str = "2GB",
     params: dict | None = None,
-    extra: dict | None = None,
+    extra: dict | Callable[[dict], dict] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Align (``align``, ``reference``, ``include_wo``: align params), merge (``groups``: the group
@@ -622,7 +622,8 @@ def stream_merge(
 
     ``profile``: the profile stage's folder (or :func:`~pipeline.profiling.load_profile`'s dict);
     None for uniform usage, where no method needs profiled inputs or Fisher diagonals.
-    ``params``/``extra``: written like :func:`~pipeline.modeling.save_model` writes them.
+    ``params``/``extra``: written like :func:`~pipeline.modeling.save_model` writes them; ``extra``
+    may be a function of the per-layer report (``{"layers": ...}``) returning the files to write.
     Bad input (an unsupported method, a missing shard, groups of a layer the model lacks) raises a
     one-line error before any tensor is read, and ``out`` is left as it was. Returns a report:
     per layer what each step did, seconds per phase, shards and bytes written.
@@ -760,7 +761,8 @@ def stream_merge(
                 shutil.copy2(src / f, tmp / f)
         if params is not None:
             (tmp / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False))
-        for fname, obj in (extra or {}).items():
+        files = extra(report) if callable(extra) else extra
+        for fname, obj in (files or {}).items():
             (tmp / fname).write_text(json.dumps(obj, indent=1))
         seconds["write"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
@@ -774,3 +776,23 @@ def stream_merge(
         }
     )
     return report
+
+
+def meta_model_of(folder: str | Path) -> nn.Module:
+    """The model a saved folder holds, on the meta device (merged and compressed layers rebuilt from
+    its structure file): shapes and parameter counts without reading a weight. Its stored buffers
+    (small: e.g. the pruning masks of S, which the counts of kept parameters read) are read."""
+    folder = Path(folder)
+    config = _load_config(folder)
+    model, adapter = meta_skeleton(config)
+    structure = folder / STRUCTURE_FILE
+    if structure.is_file():
+        with _default_dtype(_config_dtype(config)), torch.device("meta"):
+            adapter.apply_structure(model, json.loads(structure.read_text())["layers"])
+    reader = CheckpointReader(folder)
+    names = [n for n, _ in model.named_buffers() if n in reader.shard_of]
+    for name, t in reader.read(names).items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module.register_buffer(leaf, t, persistent=leaf not in module._non_persistent_buffers_set)
+    return model

@@ -11,10 +11,20 @@ import torch
 from pipeline.align import align_model
 from pipeline.data import collate, load_prepared
 from pipeline.families import adapter_for
-from pipeline.modeling import atomic_dir, load_model, save_model
+from pipeline.modeling import atomic_dir, cast_weights, floating_dtype, load_model, save_model
 from pipeline.profiling import load_profile
+from pipeline.streaming import stream_merge
 from pipeline.training import model_forward
-from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import (
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    weights_dtype,
+    write_json,
+)
 
 
 @torch.no_grad()
@@ -31,9 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
+    if params.runtime.streaming:
+        return _streamed(args, params, t0)
     with stop_on_bad_input():
         task = load_prepared(args.data, splits=("dev",))
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=weights_dtype(params))
+        storage = floating_dtype(model)
         profiles = load_profile(Path(args.profile), model)
     check = collate(
         random.Random(params.merge_seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),
@@ -52,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         # Alignment must not change what the model computes; record the evidence.
         diff = float((_logits(model, check) - before).abs().max())
+        if storage != torch.float32:
+            # Stock routers computing in float32 (Switch) cast themselves there at each forward.
+            cast_weights(model, storage, args.model)
         with atomic_dir(args.out) as tmp:
             save_model(model, tmp, params=lineage(params, ("align",), args.model), tokenizer=task.tokenizer)
         metrics = {
@@ -59,6 +75,32 @@ def main(argv: list[str] | None = None) -> None:
             "max_abs_logit_change": diff,
             "seconds": round(time.time() - t0, 2),
             "layers": report,
+        }
+        run.log_metrics(metrics)
+        write_json(metrics, args.metrics)
+
+
+def _streamed(args, params, t0: float) -> None:
+    """runtime.streaming: the checkpoint aligned one SMoE layer at a time, never whole in memory.
+    max_abs_logit_change (a forward pass of the whole model before and after) is not measured."""
+    a = params.align
+    with mlflow_run(params, args.params, "align", section(params, "align")) as run:
+        with stop_on_bad_input():
+            report = stream_merge(
+                args.model,
+                args.out,
+                profile=args.profile,
+                align=a.method,
+                reference=a.reference,
+                include_wo=a.include_wo,
+                params=lineage(params, ("align",), args.model),
+                progress=lambda msg: print(msg, flush=True),
+            )
+        layers = {n: e["align"] for n, e in report["layers"].items()}
+        metrics = {
+            "neurons_moved": sum(r["neurons_moved"] for r in layers.values()),
+            "seconds": round(time.time() - t0, 2),
+            "layers": layers,
         }
         run.log_metrics(metrics)
         write_json(metrics, args.metrics)

@@ -150,6 +150,13 @@ def load(args: argparse.Namespace) -> Params:
     return params
 
 
+def weights_dtype(params: Params):
+    """The torch dtype of ``runtime.weights_dtype``; None for auto (the checkpoint's own)."""
+    from pipeline.modeling import weights_dtype as named
+
+    return named(params.runtime.weights_dtype)
+
+
 def section(params: Params, *names: str) -> dict:
     """The given params sections (dotted paths allowed) as plain dicts, for logging and saving."""
     dumped = params.model_dump(mode="json")

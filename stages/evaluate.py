@@ -32,11 +32,11 @@ from pipeline.evaluation import evaluate_lm_variant, evaluate_variant, kl_to_ref
 from pipeline.families import adapter_for
 from pipeline.knockout import zero_experts
 from pipeline.lm_harness import check_prepared_subsets, score_zero_shot, zero_shot_scorer_record
-from pipeline.modeling import load_model, resolve_device, save_model
+from pipeline.modeling import cast_weights, load_model, resolve_device, save_model
 from pipeline.plots import accuracy_vs_size_figure
 from pipeline.routing import router_mode_refusals, router_mode_variants
 from pipeline.training import check_token_ids, evaluate_accuracy
-from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 from stages.tracking import repo_root
 
 VARIANTS = ("full", "merged", "m_smoe", "mc_smoe", "c_smoe")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         task = load_prepared(args.data, splits=(split,))
         device = resolve_device(params.runtime.device)
         folders = {v: Path(getattr(args, v)) for v in VARIANTS}
-        models = {v: load_model(f) for v, f in folders.items()}
+        models = {v: load_model(f, dtype=weights_dtype(params)) for v, f in folders.items()}
         if task.objective != "lm":
             for m in models.values():
                 check_token_ids(m, task.splits[split], task.label_token_ids(), f"the prepared {split} split")
@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             from pipeline.upcycle_decoder import describe_source, load_dense_decoder
 
             # The pretrained dense model the full SMoE was upcycled from: the reference row.
-            models = {"dense": load_dense_decoder(describe_source(up.source)), **models}
+            dense = load_dense_decoder(describe_source(up.source))
+            if weights_dtype(params) is not None:
+                cast_weights(dense, weights_dtype(params), up.source)
+            models = {"dense": dense, **models}
     results, logps, kls, lm_details = {}, {}, {}, {}
     logged = section(params, "evaluate", "runtime") | (section(params, "data.data_dir") if data_dir else {})
     with (

@@ -9,12 +9,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.config import ParamsError, with_overrides
 from pipeline.data import load_prepared
 from pipeline.modeling import (
     atomic_dir,
     build_model,
+    cast_weights,
     count_unique_params,
+    float32_master_weights,
+    floating_dtype,
     load_model,
     resolve_device,
     save_model,
@@ -30,6 +35,7 @@ from stages.common import (
     parser,
     section,
     stop_on_bad_input,
+    weights_dtype,
     write_json,
 )
 
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             if m.init_embeddings_from:
                 print("embeddings:", transfer_embeddings(model, tok, m.init_embeddings_from), flush=True)
+        if weights_dtype(params) is not None:
+            cast_weights(model, weights_dtype(params), "the model to fine-tune")
+        storage = floating_dtype(model)
         device = resolve_device(params.runtime.device)
     ft = params.finetune
     settings = TrainSettings(**ft.model_dump())
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             if m.upcycle_from is not None:
                 inputs.append(source.path)
             ckpt = checkpointing(params, args.out, made_by, *inputs)
-            with stop_on_bad_input():
+            with stop_on_bad_input(), float32_master_weights(model):
                 summary = train(
                     model,
                     task.splits["train"],
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                     dev_metric=dev,
                     checkpointing=ckpt,
                 )
+        if storage != torch.float32:
+            # Stock routers computing in float32 (Switch) cast themselves there at each forward.
+            cast_weights(model, storage, "the fine-tuned model")
         with atomic_dir(args.out) as tmp:
             if up is not None and up.layer == "dense":
                 # No SMoE layer to describe: a stock checkpoint with its params beside it.

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 from pipeline.families import adapter_for
-from pipeline.grouping import group_model
+from pipeline.grouping import PROFILE_ONLY_SIMILARITIES, group_model
 from pipeline.modeling import atomic_dir, load_model
 from pipeline.plots import plot_groups
 from pipeline.profiling import load_profile
-from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from pipeline.streaming import meta_model_of
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load(args)
     g, t0 = params.group, time.time()
     with stop_on_bad_input():
-        model = load_model(args.model)
+        if params.runtime.streaming and g.similarity in PROFILE_ONLY_SIMILARITIES:
+            # Nothing but the layers' names and expert counts is read from the model.
+            model = meta_model_of(args.model)
+        else:
+            model = load_model(args.model, dtype=weights_dtype(params))
         profiles = load_profile(Path(args.profile), model)
     adapter = adapter_for(model)
     layers = adapter.sparse_layers(model)

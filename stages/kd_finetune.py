@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.analysis import remaining_param_ratios
 from pipeline.compression import SparsePruner, finalize_compact
 from pipeline.data import load_prepared
@@ -19,7 +21,9 @@ from pipeline.expert_pruning import KD_PRUNERS, TaskSpecificPruner, read_budget
 from pipeline.families import adapter_for
 from pipeline.modeling import (
     atomic_dir,
+    cast_weights,
     count_unique_params,
+    floating_dtype,
     load_model,
     resolve_device,
     save_model,
@@ -42,6 +46,7 @@ from stages.common import (
     parser,
     section,
     stop_on_bad_input,
+    weights_dtype,
     write_json,
 )
 
@@ -74,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load(args)
     with stop_on_bad_input():
         task = load_prepared(args.data)
-        teacher = load_model(args.teacher)
+        teacher = load_model(args.teacher, dtype=weights_dtype(params))
         sources = {"m_smoe": args.merged, "mc_smoe": args.compressed, "c_smoe": args.compressed_full}
-        students = {name: load_model(folder) for name, folder in sources.items()}
+        students = {name: load_model(folder, dtype=weights_dtype(params)) for name, folder in sources.items()}
         progressive = params.kd.prune.method != "none"
         # M-SMoE's router takes its final form before KD trains it (MC-SMoE's did in compress);
         # under task-specific pruning it keeps every row until the pruner drops the dead ones.
@@ -96,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         sections = section(params, *keys)
         made_by = lineage(params, keys, sources[name])
+        # Trained (or pruned from gradients) on float32 weights, saved in the dtype it was loaded in
+        # (pipeline.modeling.float32_master_weights says why); the teacher only runs forward.
+        storage = floating_dtype(student)
+        if storage != torch.float32:
+            student.float()
         with mlflow_run(params, args.params, "kd_finetune", sections, run_name=f"kd_finetune/{name}") as run:
             pruner = None
             if name == "m_smoe" and progressive:
@@ -182,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
                     layer: round(sum(r) / len(r), 4) for layer, r in remaining[name].items()
                 }
             student.cpu()
+            if storage != torch.float32:
+                with stop_on_bad_input():
+                    cast_weights(student, storage, f"the {name} student")
             with atomic_dir(outs[name]) as tmp:
                 save_model(student, tmp, params=made_by, tokenizer=tok)
             if ckpt is not None:

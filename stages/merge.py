@@ -22,7 +22,17 @@ from pipeline.merging import merge_model
 from pipeline.modeling import atomic_dir, count_unique_params, load_model, save_model
 from pipeline.plots import plot_stable_rank_change
 from pipeline.profiling import load_profile
-from stages.common import lineage, load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from pipeline.streaming import meta_model_of, stream_merge
+from stages.common import (
+    lineage,
+    load,
+    mlflow_run,
+    parser,
+    section,
+    stop_on_bad_input,
+    weights_dtype,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
+    if params.runtime.streaming:
+        return _streamed(args, params, t0)
     with stop_on_bad_input():
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=weights_dtype(params))
         profiles = load_profile(Path(args.profile), model)
         groups = read_json(Path(args.groups), "expert groups")
         adapter = adapter_for(model)
@@ -78,6 +90,60 @@ def main(argv: list[str] | None = None) -> None:
             plot = Path(args.plot)
             plot.parent.mkdir(parents=True, exist_ok=True)
             plot_stable_rank_change(change, plot)
+            run.log_artifact(plot)
+        run.log_metrics(metrics)
+        write_json(metrics, args.metrics)
+
+
+def _streamed(args, params, t0: float) -> None:
+    """runtime.streaming: the aligned checkpoint merged one SMoE layer at a time. The parameter
+    counts come from the result's shapes; stable_rank (each dominant expert's weights before and
+    after) is not measured."""
+    m = params.merge
+    with stop_on_bad_input():
+        groups = read_json(Path(args.groups), "expert groups")
+    budget = {n: g["budget"] for n, g in groups["layers"].items() if g["merged"] and "budget" in g}
+
+    def files(report: dict) -> dict:
+        merged = {n: e["merge"] for n, e in report["layers"].items() if "merge" in e}
+        return {"merge_report.json": merged, BUDGET_FILE: budget}
+
+    with mlflow_run(params, args.params, "merge", section(params, "merge")) as run:
+        with stop_on_bad_input():
+            report = stream_merge(
+                args.model,
+                args.out,
+                groups,
+                args.profile,
+                align="none",
+                strategy=m.strategy,
+                repair=m.repair,
+                params=lineage(params, ("profile", "group", "merge"), args.model),
+                extra=files,
+                progress=lambda msg: print(msg, flush=True),
+            )
+        saved = meta_model_of(args.out)
+        metrics = {
+            **expert_stats(saved),
+            "params_total": count_unique_params(saved),
+            "seconds": round(time.time() - t0, 2),
+        }
+        shift = {
+            n: e["merge"]["preactivation_shift"]
+            for n, e in report["layers"].items()
+            if "preactivation_shift" in e.get("merge", {})
+        }
+        if shift:
+            metrics["preactivation_shift"] = shift
+        adapter = adapter_for(saved)
+        shared = {ly.name: s for ly in adapter.sparse_layers(saved) if (s := adapter.shared_experts(ly))}
+        if shared:
+            metrics["shared_expert_params_untouched"] = sum(sum(s.values()) for s in shared.values())
+        if args.plot:
+            # The declared plot still exists, empty: stable ranks are not measured when streaming.
+            plot = Path(args.plot)
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_stable_rank_change({}, plot)
             run.log_artifact(plot)
         run.log_metrics(metrics)
         write_json(metrics, args.metrics)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from pipeline.data import load_prepared
 from pipeline.modeling import atomic_dir, load_model, resolve_device
+from pipeline.offload import profile_checkpoint
 from pipeline.plots import plot_expert_usage
 from pipeline.profiling import profile_gradients, profile_routing, save_profile
 from pipeline.training import check_token_ids
-from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, write_json
+from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,24 +25,42 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load(args)
     t0 = time.time()
+    r = params.runtime
     with stop_on_bad_input():
         task = load_prepared(args.data, splits=("train",))
-        model = load_model(args.model)
-        device = resolve_device(params.runtime.device)
+        # runtime.device_map: the model is dispatched over GPUs, RAM and disk when profiled, never
+        # loaded whole (pipeline.offload checks the sample's token ids itself).
+        model = None if r.device_map else load_model(args.model, dtype=weights_dtype(params))
+        device = resolve_device(r.device)
     rows = task.splits["train"]
     n = params.profile.num_samples
     if n > len(rows):
         sys.exit(f"error: profile.num_samples={n} exceeds the {len(rows)} training examples")
     sample = random.Random(params.merge_seed).sample(rows, n)
-    with stop_on_bad_input():
-        check_token_ids(model, sample, (), "the prepared train split")
+    if model is not None:
+        with stop_on_bad_input():
+            check_token_ids(model, sample, (), "the prepared train split")
     with mlflow_run(
         params, args.params, "profile", section(params, "merge_seed", "profile", "runtime")
     ) as run:
         pp, pad = params.profile, task.tokenizer.pad_token_id
-        profiles = profile_routing(
-            model, sample, pad, pp.batch_size, device, pp.max_inputs, expert_outputs=pp.expert_outputs
-        )
+        if model is None:
+            with stop_on_bad_input():
+                profiles = profile_checkpoint(
+                    args.model,
+                    sample,
+                    pad,
+                    pp.batch_size,
+                    r.device_map,
+                    r.max_memory,
+                    r.offload_folder,
+                    pp.max_inputs,
+                    pp.expert_outputs,
+                )
+        else:
+            profiles = profile_routing(
+                model, sample, pad, pp.batch_size, device, pp.max_inputs, expert_outputs=pp.expert_outputs
+            )
         if pp.gradients:
             profile_gradients(model, sample, pad, pp.batch_size, device, profiles)
         with atomic_dir(args.out) as tmp:

@@ -196,6 +196,60 @@ CASES: list[Case] = [
             "of the checkpoint",
         ),
     ),
+    # ------------------------------------------------------------ big models: storage dtype, streaming, offload
+    Case(
+        "unknown storage dtype",
+        prepare.main,
+        set_params(runtime__weights_dtype="int8"),
+        ("runtime.weights_dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'",),
+    ),
+    Case(
+        "streaming an encoder-decoder family",
+        prepare.main,
+        set_params(runtime__streaming=True),
+        ("runtime.streaming takes decoder families (", "not model.family=switch_transformers"),
+    ),
+    Case(
+        "streaming with a storage dtype other than the checkpoint's",
+        prepare.main,
+        set_params(
+            model__family="mixtral",
+            model__config={"hidden_size": 32, "intermediate_size": 48, "num_local_experts": 8},
+            model__init_embeddings_from=None,
+            data__task="wikitext2",
+            group__layers="decoder",
+            runtime__streaming=True,
+            runtime__weights_dtype="bfloat16",
+        ),
+        ("runtime.streaming: true keeps the checkpoint's stored dtype", "set runtime.weights_dtype: auto"),
+    ),
+    Case(
+        "unknown device map",
+        prepare.main,
+        set_params(runtime__device_map="everywhere"),
+        ("runtime.device_map: 'everywhere' is not one of null, auto, balanced, balanced_low_0, sequential",),
+    ),
+    Case(
+        "gradients profiled offloaded",
+        prepare.main,
+        set_params(runtime__device_map="auto", profile__gradients=True, group__similarity="expert-gradient"),
+        (
+            "profile.gradients: true needs backward passes",
+            "set profile.gradients: false or runtime.device_map: null",
+        ),
+    ),
+    Case(
+        "offloaded profile with a cast storage dtype",
+        prepare.main,
+        set_params(runtime__device_map="auto", runtime__weights_dtype="float16"),
+        ("runtime.device_map=auto keeps the checkpoint's stored dtype", "set runtime.weights_dtype: auto"),
+    ),
+    Case(
+        "max_memory without a device map",
+        prepare.main,
+        set_params(runtime__max_memory={"cpu": "8GiB"}),
+        ("runtime.max_memory only applies to an offloaded profile: set runtime.device_map too",),
+    ),
     # ------------------------------------------------------------ mlflow
     Case(
         "empty mlflow experiment",

@@ -67,6 +67,9 @@ class LogSumExpGroupRouter(nn.Module):
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             hidden_states = hidden_states * noise
+        # As the stock Switch router does: the router computes in router_dtype (float32), whatever
+        # dtype the rest of the model's weights are held in (runtime.weights_dtype).
+        self.classifier.to(self.dtype)
         logits = self.classifier(hidden_states)
         group_logits = torch.stack(
             [logits[..., self.row_group == g].logsumexp(-1) for g in range(self.num_experts)], dim=-1
