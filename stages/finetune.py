@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.config import ParamsError, with_overrides
 from pipeline.data import load_prepared
+from pipeline.distributed import LauncherError, launched_accelerator
 from pipeline.modeling import (
     atomic_dir,
     build_model,
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
                 print("embeddings:", transfer_embeddings(model, tok, m.init_embeddings_from), flush=True)
         device = resolve_device(params.runtime.device)
     ft = params.finetune
+    # Under accelerate launch: one process per device; only the main one writes.
+    with stop_on_bad_input(LauncherError):
+        acc = launched_accelerator(params.launch.launcher, device, ("finetune.batch_size", ft.batch_size))
+    if acc is not None:
+        device = acc.device
+    main_process = acc is None or acc.is_main_process
     settings = TrainSettings(**ft.model_dump())
     keys = ("seed", "zero_shot", "model", "runtime", "finetune") + (("upcycle",) if up else ())
     made_by = lineage(params, keys, args.data)
@@ -131,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
                     log=run.log_metrics,
                     dev_metric=dev,
                     checkpointing=ckpt,
+                    accelerator=acc,
                 )
+            model = summary.pop("model", model)  # FSDP/DeepSpeed: the gathered weights
+        if not main_process:
+            return
         with atomic_dir(args.out) as tmp:
             if up is not None and up.layer == "dense":
                 # No SMoE layer to describe: a stock checkpoint with its params beside it.

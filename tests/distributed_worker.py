@@ -1,0 +1,94 @@
+"""A tiny fine-tuning and KD run for tests/test_distributed.py, alone or under ``accelerate launch``.
+
+``python -m tests.distributed_worker OUT.json`` (or under the launcher): trains a tiny random
+Switch on fake rows, then a second one with KD from the first, and writes each run's per-step
+losses, dev history and a weight checksum (the main process only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from pipeline.distributed import make_accelerator
+from pipeline.modeling import build_model
+from pipeline.training import KDSettings, TrainSettings, train
+from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB
+
+# 41 rows at a global batch of 8: the last batch holds one row, so one of two processes gets none.
+N_ROWS, BATCH = 41, 8
+CONFIG = {**TINY, "router_jitter_noise": 0.0}
+
+
+def _rows(n: int, seed: int, ragged_labels: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        source = torch.randint(3, VOCAB, (3 + i % 7,), generator=g).tolist() + [EOS_ID]
+        # Targets of unequal length: the task loss is a mean over the global batch's tokens.
+        extra = torch.randint(3, VOCAB, (i % 3,), generator=g).tolist() if ragged_labels else []
+        out.append({"input_ids": source, "labels": [5 + i % 2, *extra, EOS_ID], "label": i % 2})
+    return out
+
+
+def settings() -> TrainSettings:
+    return TrainSettings(
+        epochs=1,
+        batch_size=BATCH,
+        eval_batch_size=16,
+        lr=3e-3,
+        weight_decay=0.01,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        router_z_loss_coef=1e-3,
+        router_aux_loss_coef=1e-3,
+        eval_every_epochs=0.5,
+        bucket_batches=2,
+    )
+
+
+def run() -> dict:
+    """Both runs; an Accelerator only when launched in several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    acc = make_accelerator(torch.device("cpu")) if world > 1 else None
+    train_rows, dev_rows = _rows(N_ROWS, 0, True), _rows(16, 1, False)
+    results = {}
+    teacher = None
+    for name in ("finetune", "kd"):
+        # No router jitter: its noise would be drawn per process, so runs could not compare.
+        model = build_model("switch_transformers", CONFIG, VOCAB, PAD_ID, EOS_ID, 0.02, seed=0)
+        losses: list[float] = []
+        kd = KDSettings(teacher, alpha=1.0, temperature=2.0) if name == "kd" else None
+        summary = train(
+            model,
+            train_rows,
+            dev_rows,
+            CLASS_TARGETS,
+            PAD_ID,
+            settings(),
+            torch.device("cpu"),
+            seed=3,
+            kd=kd,
+            progress=False,
+            accelerator=acc,
+            loss_hook=lambda step, loss, losses=losses: losses.append(loss),
+        )
+        results[name] = {
+            "losses": losses,
+            "history": summary["history"],
+            "weights": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
+            "processes": world,
+        }
+        teacher = model.eval()
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = run()
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(out, f)
