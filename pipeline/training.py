@@ -577,7 +577,8 @@ def train(
         plain = copy.deepcopy(model).cpu() if _sharded(acc) and acc.is_main_process else model
         wrapped, opt, sched = acc.prepare(model, opt, sched)
         runner = _Runner(wrapped, model)
-        if kd is not None and _sharded(acc):
+        if kd is not None and acc.distributed_type.value == "FSDP":
+            # Sharded like the student; under DDP (and DeepSpeed) each process holds a replica.
             teacher = _Runner(acc.prepare(kd.teacher), kd.teacher)
         progress = progress and acc.is_main_process
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
@@ -628,6 +629,8 @@ def train(
                     )
                 acc.backward(loss)
                 norm = acc.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
+                # DeepSpeed clips inside its own step and may not report the norm.
+                norm = torch.as_tensor(0.0 if norm is None else norm, device=loss.device)
                 # The mean over processes of their scaled losses is the global batch's loss; the
                 # norm (of the all-reduced gradients) is the same everywhere. Every process takes
                 # the same decision on them, so none is left waiting in a collective.
