@@ -1,8 +1,9 @@
-"""A tiny fine-tuning and KD run for tests/test_distributed.py, alone or under ``accelerate launch``.
+"""Tiny training runs for tests/test_distributed.py, alone or under ``accelerate launch``.
 
 ``python -m tests.distributed_worker OUT.json`` (or under the launcher): trains a tiny random
-Switch on fake rows, then a second one with KD from the first, and writes each run's per-step
-losses, dev history and a weight checksum (the main process only).
+Switch on fake rows, a second one with KD from the first, and a third with task-specific expert
+pruning, and writes each run's per-step losses, dev history, pruning events and a weight checksum
+(the main process only).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import torch
 
 from pipeline.distributed import make_accelerator
+from pipeline.expert_pruning import TaskSpecificPruner
+from pipeline.families import adapter_for
 from pipeline.modeling import build_model
 from pipeline.training import KDSettings, TrainSettings, train
 from tests.conftest import CLASS_TARGETS, EOS_ID, PAD_ID, TINY, VOCAB
@@ -57,11 +60,16 @@ def run() -> dict:
     train_rows, dev_rows = _rows(N_ROWS, 0, True), _rows(16, 1, False)
     results = {}
     teacher = None
-    for name in ("finetune", "kd"):
+    for name in ("finetune", "kd", "pruned"):
         # No router jitter: its noise would be drawn per process, so runs could not compare.
         model = build_model("switch_transformers", CONFIG, VOCAB, PAD_ID, EOS_ID, 0.02, seed=0)
         losses: list[float] = []
         kd = KDSettings(teacher, alpha=1.0, temperature=2.0) if name == "kd" else None
+        pruner = None
+        if name == "pruned":  # task-specific pruning: usage counted on every process's slice
+            adapter = adapter_for(model)
+            budget = {ly.name: 3 for ly in adapter.sparse_layers(model)}
+            pruner = TaskSpecificPruner(model, adapter, budget, ema_every=1, times=2)
         summary = train(
             model,
             train_rows,
@@ -72,6 +80,7 @@ def run() -> dict:
             torch.device("cpu"),
             seed=3,
             kd=kd,
+            step_hook=pruner,
             progress=False,
             accelerator=acc,
             loss_hook=lambda step, loss, losses=losses: losses.append(loss),
@@ -81,6 +90,7 @@ def run() -> dict:
             "history": summary["history"],
             "weights": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
             "processes": world,
+            "pruning_events": pruner.events if pruner is not None else [],
         }
         teacher = model.eval()
     return results

@@ -45,14 +45,17 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
+    """Fine-tuning, KD and task-specific pruning: same losses per step, same weights, same pruning."""
     from tests.distributed_worker import run
 
     cmd, _ = _launch(_free_port())
     _run([*cmd, "-m", "tests.distributed_worker", str(tmp_path / "two.json")], ROOT)
     two = json.loads((tmp_path / "two.json").read_text())
     one = run()
-    for name in ("finetune", "kd"):
+    assert one["pruned"]["pruning_events"]  # the pruner acted
+    for name in ("finetune", "kd", "pruned"):
         assert two[name]["processes"] == 2 and one[name]["processes"] == 1
+        assert two[name]["pruning_events"] == one[name]["pruning_events"]
         assert len(two[name]["losses"]) == len(one[name]["losses"]) == 6
         assert two[name]["losses"] == pytest.approx(one[name]["losses"], abs=LOSS_ATOL)
         assert two[name]["history"] == one[name]["history"]
