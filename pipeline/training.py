@@ -437,15 +437,8 @@ class _ReadOnly:
         pass
 
 
-def _whole_weights(acc, runner):
-    """Under FSDP, every process holds the whole weights while the dev split is scored."""
-    from accelerate.utils import DistributedType
-
-    if acc is None or acc.distributed_type != DistributedType.FSDP:
-        return nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return FSDP.summon_full_params(runner._wrapped, writeback=False)
+def _is_fsdp(acc) -> bool:
+    return acc is not None and acc.distributed_type.value == "FSDP"
 
 
 def _sharded(acc) -> bool:
@@ -577,7 +570,7 @@ def train(
         plain = copy.deepcopy(model).cpu() if _sharded(acc) and acc.is_main_process else model
         wrapped, opt, sched = acc.prepare(model, opt, sched)
         runner = _Runner(wrapped, model)
-        if kd is not None and acc.distributed_type.value == "FSDP":
+        if kd is not None and _is_fsdp(acc):
             # Sharded like the student; under DDP (and DeepSpeed) each process holds a replica.
             teacher = _Runner(acc.prepare(kd.teacher), kd.teacher)
         progress = progress and acc.is_main_process
@@ -690,8 +683,9 @@ def train(
                         checkpointing,
                     )
                 try:
-                    with _whole_weights(acc, runner):
-                        score = dev_metric.compute(model)
+                    # Under FSDP the forward must go through the wrapper, which gathers each
+                    # layer's shards in turn (the whole model need not fit one device).
+                    score = dev_metric.compute(runner if _is_fsdp(acc) else model)
                 except NonFiniteOutputError:
                     score = math.nan
                 if not math.isfinite(score):

@@ -8,6 +8,7 @@ the same schedule from task-loss gradients alone.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -88,13 +89,19 @@ def main(argv: list[str] | None = None) -> None:
     tok, kd, c = task.tokenizer, params.kd, params.compress
     settings = TrainSettings(**kd.train.model_dump())
     # Under accelerate launch: one process per device; only the main one writes. The teacher is
-    # replicated on every process under DDP and sharded like the students under FSDP.
+    # replicated on every process (DDP, like the students).
     with stop_on_bad_input(LauncherError):
         acc = launched_accelerator(
             params.launch.launcher, device, ("kd.train.batch_size", settings.batch_size)
         )
     if acc is not None:
         device = acc.device
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED") and not params.zero_shot:
+            sys.exit(
+                f"error: kd_finetune prunes the compressed students' S during training, which needs whole "
+                f"weights; {acc.distributed_type.value} shards them: use DDP (accelerate launch --multi_gpu "
+                "--num_processes N, or configs/accelerate/ddp.yaml)"
+            )
     main_process = acc is None or acc.is_main_process
     outs = {"m_smoe": args.out_m_smoe, "mc_smoe": args.out_mc_smoe, "c_smoe": args.out_c_smoe}
     metrics, remaining = {}, {}
