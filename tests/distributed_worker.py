@@ -8,12 +8,15 @@ pruning, and writes each run's per-step losses, dev history, pruning events and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from pipeline.checkpointing import Checkpointing
 from pipeline.distributed import make_accelerator
 from pipeline.expert_pruning import TaskSpecificPruner
 from pipeline.families import adapter_for
@@ -53,14 +56,27 @@ def settings() -> TrainSettings:
     )
 
 
-def run() -> dict:
-    """Both runs; an Accelerator only when launched in several processes."""
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step: int):
+    def hook(s: int, total: int) -> None:
+        if s == step:
+            raise _Interrupt
+
+    return hook
+
+
+def run(ckpt_dir: Path) -> dict:
+    """The runs; an Accelerator only when launched in several processes. ``resumed`` is the
+    ``finetune`` run stopped after its third step and resumed from its checkpoint (in ``ckpt_dir``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     acc = make_accelerator(torch.device("cpu")) if world > 1 else None
     train_rows, dev_rows = _rows(N_ROWS, 0, True), _rows(16, 1, False)
     results = {}
     teacher = None
-    for name in ("finetune", "kd", "pruned"):
+    for name in ("finetune", "kd", "pruned", "resumed"):
         # No router jitter: its noise would be drawn per process, so runs could not compare.
         model = build_model("switch_transformers", CONFIG, VOCAB, PAD_ID, EOS_ID, 0.02, seed=0)
         losses: list[float] = []
@@ -70,21 +86,36 @@ def run() -> dict:
             adapter = adapter_for(model)
             budget = {ly.name: 3 for ly in adapter.sparse_layers(model)}
             pruner = TaskSpecificPruner(model, adapter, budget, ema_every=1, times=2)
-        summary = train(
-            model,
-            train_rows,
-            dev_rows,
-            CLASS_TARGETS,
-            PAD_ID,
-            settings(),
-            torch.device("cpu"),
-            seed=3,
-            kd=kd,
-            step_hook=pruner,
-            progress=False,
-            accelerator=acc,
-            loss_hook=lambda step, loss, losses=losses: losses.append(loss),
+        ckpt = (
+            Checkpointing(ckpt_dir, every_steps=2, resume=True, fingerprint="t")
+            if name == "resumed"
+            else None
         )
+
+        def fit(hook, ckpt=ckpt, kd=kd, model=model, losses=losses):
+            return train(
+                model,
+                train_rows,
+                dev_rows,
+                CLASS_TARGETS,
+                PAD_ID,
+                settings(),
+                torch.device("cpu"),
+                seed=3,
+                kd=kd,
+                step_hook=hook,
+                progress=False,
+                accelerator=acc,
+                loss_hook=lambda step, loss: losses.append(loss),
+                checkpointing=ckpt,
+            )
+
+        if ckpt is not None:
+            with contextlib.suppress(_Interrupt):
+                fit(_interrupt_at(2))  # stops in step 3; the checkpoint of step 2 stays
+            model.zero_grad(set_to_none=True)  # as a new process would start (the weights reload)
+            del losses[:]
+        summary = fit(pruner)
         results[name] = {
             "losses": losses,
             "history": summary["history"],
@@ -98,7 +129,7 @@ def run() -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out = run()
+    out = run(Path(sys.argv[1]).parent / "ckpt")
     if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)

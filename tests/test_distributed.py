@@ -45,21 +45,27 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
-    """Fine-tuning, KD and task-specific pruning: same losses per step, same weights, same pruning."""
+    """Fine-tuning, KD, task-specific pruning and a resumed run: same losses per step, same
+    weights, same pruning."""
     from tests.distributed_worker import run
 
     cmd, _ = _launch(_free_port())
     _run([*cmd, "-m", "tests.distributed_worker", str(tmp_path / "two.json")], ROOT)
     two = json.loads((tmp_path / "two.json").read_text())
-    one = run()
+    one = run(tmp_path / "ckpt1")
     assert one["pruned"]["pruning_events"]  # the pruner acted
-    for name in ("finetune", "kd", "pruned"):
+    for name in ("finetune", "kd", "pruned", "resumed"):
         assert two[name]["processes"] == 2 and one[name]["processes"] == 1
         assert two[name]["pruning_events"] == one[name]["pruning_events"]
-        assert len(two[name]["losses"]) == len(one[name]["losses"]) == 6
+        assert len(two[name]["losses"]) == len(one[name]["losses"]) == (4 if name == "resumed" else 6)
         assert two[name]["losses"] == pytest.approx(one[name]["losses"], abs=LOSS_ATOL)
         assert two[name]["history"] == one[name]["history"]
         assert two[name]["weights"] == pytest.approx(one[name]["weights"], rel=1e-6)
+    # A run stopped after step 3 and resumed from the step-2 checkpoint ends exactly like the
+    # uninterrupted one, with 2 processes as with one (only the main process wrote the checkpoint).
+    for res in (one, two):
+        assert res["resumed"]["weights"] == res["finetune"]["weights"]
+        assert res["resumed"]["losses"] == res["finetune"]["losses"][2:]
 
 
 def test_finetune_stage_in_two_processes_writes_once(prepared, tmp_path):
