@@ -342,6 +342,23 @@ class RuntimeParams(_Section):
         return v
 
 
+class LaunchParams(_Section):
+    # How DVC starts finetune and kd_finetune (the first words of their cmd, ${launch.launcher}):
+    # python (one process) or accelerate launch (pipeline.distributed.LAUNCHER_FORMS); batch sizes
+    # stay global. Not a params dep of any stage: DVC tracks it through the cmd text it renders.
+    launcher: str = "python"
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher(cls, v: str) -> str:
+        from pipeline.distributed import check_config_file, parse_launcher
+
+        launcher = parse_launcher(v)
+        if launcher.config_file is not None:
+            check_config_file(launcher.config_file)
+        return v
+
+
 class TrainParams(_Section):
     epochs: float = Field(3, gt=0)
     batch_size: int = Field(64, ge=1)
@@ -592,6 +609,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams
     runtime: RuntimeParams = RuntimeParams()
+    launch: LaunchParams = LaunchParams()
     finetune: TrainParams = TrainParams()
     profile: ProfileParams = ProfileParams()
     align: AlignParams = AlignParams()
@@ -661,6 +679,12 @@ class Params(_Section):
                     )
         self._check_methods()
         self._check_big_model()
+        from pipeline.distributed import check_batch_size, parse_launcher
+
+        processes = parse_launcher(self.launch.launcher).num_processes
+        if processes:
+            check_batch_size(self.finetune.batch_size, processes, "finetune.batch_size")
+            check_batch_size(self.kd.train.batch_size, processes, "kd.train.batch_size")
         refusal = ADAPTERS.get(self.model.family).router_mode_refusal(self.merge.router)
         if refusal:
             raise ValueError(f"{refusal} ({self.model.family})")

@@ -108,6 +108,7 @@ class TaskSpecificPruner:
 
     def __call__(self, step: int, total: int) -> None:
         done = step + 1
+        self._sum_over_processes()
         if self._last and (not self.ema or done % self.ema_every == 0):
             for name, counts in self._last.items():
                 usage = counts / counts.sum().clamp_min(1)
@@ -115,6 +116,20 @@ class TaskSpecificPruner:
                 self.ema[name] = usage if prev is None else self.ema_beta * prev + (1 - self.ema_beta) * usage
         if done % self.interval(total) == 0 and done <= self.final_step(total):
             self.prune(final=done >= self.final_step(total), step=done)
+
+    def _sum_over_processes(self) -> None:
+        """Under several processes (``accelerate launch``) each saw its slice of the global batch:
+        the usage counts are summed so that every process prunes the same experts, as one process
+        would on the whole batch. Every process calls the hook at every step, in the same order."""
+        import torch.distributed as dist
+
+        if not (self._last and dist.is_available() and dist.is_initialized()):
+            return
+        nccl = dist.get_backend() == "nccl"
+        for name in sorted(self._last):
+            counts = self._last[name].to(torch.cuda.current_device()) if nccl else self._last[name].clone()
+            dist.all_reduce(counts)
+            self._last[name] = counts.cpu()
 
     def prune(self, final: bool, step: int = 0) -> None:
         """One pruning event: below-threshold experts die (never below the budget); ``final`` keeps

@@ -341,6 +341,112 @@ def dev_metric_for(task, split: str, batch_size: int, device, dtype: str) -> Dev
     )
 
 
+def _shard_batch(batch: dict, rank: int, processes: int) -> tuple[dict, int]:
+    """This process's rows of a collated global batch, and how many of them are real.
+
+    Rows go in contiguous slices whose sizes differ by at most one. A last batch with fewer rows
+    than processes leaves some process none: it gets a copy of row 0 whose labels are all ignored
+    (-100), so that it still takes part in the forward/backward that DDP synchronises, and
+    contributes nothing to the task and KD losses (and its router losses get weight 0).
+    """
+    n = next(iter(batch.values())).shape[0]
+    index = torch.tensor_split(torch.arange(n), processes)[rank]
+    if len(index):
+        return {k: v[index] for k, v in batch.items()}, len(index)
+    dummy = {k: v[:1].clone() for k, v in batch.items()}
+    if "labels" in dummy:
+        dummy["labels"].fill_(-100)
+    return dummy, 0
+
+
+class _Runner:
+    """A model prepared by accelerate (DDP/FSDP wrapper) that adapters can still walk: calls go
+    through the wrapper (which synchronises gradients), attributes come from the plain model."""
+
+    def __init__(self, wrapped: nn.Module, plain: nn.Module) -> None:
+        self._wrapped, self._plain = wrapped, plain
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._plain, name)
+
+
+def _global_tokens(labels: torch.Tensor, shift: bool) -> int:
+    """Target tokens of a whole (global) batch: what its mean losses divide by."""
+    return int((aligned(labels, labels, shift)[1] != -100).sum())
+
+
+def _linear_weight(form: Callable, n: int, rows: int, temperature: float) -> float:
+    """The weight a loss form linear in its per-item values gives each item of a global batch of
+    ``n`` items and ``rows`` rows (a mean: 1/n; a sum per row: 1/rows)."""
+    return float(form(torch.ones(max(n, 1)), rows, temperature)) / max(n, 1)
+
+
+def _shard_losses(out, t_out, batch, real, rows, tokens, world, settings, kd, shift):
+    """One process's share of the global batch's losses, scaled so that DDP's mean of the
+    processes' gradients is the gradient one process would take on the whole batch.
+
+    Task and KD losses are means over the global batch's tokens (or per-row sums), so each slice
+    gives ``world * (its sum) * (the global per-item weight)``: exact. The router losses are
+    nonlinear in the batch (expert loads); each slice's loss is weighted by its share of rows.
+    Returns (loss, task loss) with the task loss as one process would report it after a mean.
+    """
+    logits, labels = aligned(out.logits, batch["labels"], shift)
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    loss_task = ce * (world / max(tokens, 1))
+    loss = loss_task + router_loss(out, settings.router_z_loss_coef, settings.router_aux_loss_coef) * (
+        real * world / rows
+    )
+    if t_out is not None:
+        s_logits, _ = aligned(out.logits, batch["labels"], shift)
+        t_logits, labels = aligned(t_out.logits, batch["labels"], shift)
+        mask = labels != -100
+        s = F.log_softmax(s_logits.float()[mask] / kd.temperature, dim=-1)
+        t = F.log_softmax(t_logits.float()[mask] / kd.temperature, dim=-1)
+        kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+        weight = _linear_weight(KD_LOSSES.get(kd.loss), tokens, rows, kd.temperature)
+        loss = loss + kd.alpha * kl.sum() * (world * weight)
+    return loss, loss_task
+
+
+def _full_state_dict(acc, wrapped: nn.Module, plain: nn.Module) -> dict:
+    """The whole model's weights (a copy): gathered from the shards under FSDP (a collective every
+    process must call; the weights land on the main process), the local replica under DDP."""
+    if _sharded(acc):
+        return acc.get_state_dict(wrapped)
+    return copy.deepcopy(plain.state_dict())
+
+
+class _ReadOnly:
+    """A process other than the main one resumes from the checkpoint but never writes or removes it."""
+
+    def __init__(self, checkpointing: Checkpointing) -> None:
+        self._inner = checkpointing
+
+    def load(self, total_steps: int) -> dict | None:
+        return self._inner.load(total_steps)
+
+    def due(self, step: int, total: int) -> bool:
+        return False
+
+    def clear(self) -> None:
+        pass
+
+
+def _is_fsdp(acc) -> bool:
+    return acc is not None and acc.distributed_type.value == "FSDP"
+
+
+def _sharded(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc is not None and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 @dataclass
 class KDSettings:
     teacher: nn.Module
@@ -366,6 +472,8 @@ def train(
     progress: bool = True,
     dev_metric: DevMetric | None = None,
     checkpointing: Checkpointing | None = None,
+    accelerator=None,
+    loss_hook: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Fine-tune ``model`` in place and keep the weights with the best dev score.
 
@@ -382,8 +490,34 @@ def train(
     With ``checkpointing``, the whole state (weights, optimiser, schedule, best weights, history,
     the step hook's state, random generators and the position in the data) is saved every
     ``every_steps`` steps; a resumed run continues exactly where the saved one stood, so it ends
-    with the same weights as an uninterrupted one.
+    with the same weights as an uninterrupted one. ``loss_hook(step, loss)`` sees every step's
+    loss (of the whole global batch).
+
+    With an ``accelerator`` of several processes (``accelerate launch``), ``settings.batch_size``
+    is the global batch: every process draws the same batches and trains on its slice
+    (:func:`_shard_batch`); model, optimizer and schedule are prepared by the
+    accelerator (DDP all-reduces the gradients; FSDP/DeepSpeed shard them). Every process scores
+    the whole dev split with the same weights, so evaluation is one process's. Only the main
+    process writes checkpoints. Under FSDP/DeepSpeed the trained weights are gathered into a
+    plain copy of the model on the main process, returned as ``summary["model"]``. With one
+    process (or none) the run is exactly the single-process one.
     """
+    acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+    if acc is not None:
+        if settings.batch_size % acc.num_processes:
+            raise ValueError(
+                f"batch_size={settings.batch_size} (the global batch) is not divisible by the "
+                f"{acc.num_processes} processes; use a multiple of {acc.num_processes}"
+            )
+        device = acc.device
+        if _sharded(acc) and (step_hook is not None or (checkpointing and checkpointing.every_steps)):
+            raise ValueError(
+                f"{acc.distributed_type.value} shards the weights: pruning during training and resumable "
+                "checkpoints (checkpoints.every_steps) need whole weights; use DDP "
+                "(accelerate launch --multi_gpu) or checkpoints.every_steps: 0"
+            )
+        if not acc.is_main_process:
+            checkpointing = _ReadOnly(checkpointing) if checkpointing is not None else None
     check_token_ids(model, train_rows, class_targets, "the prepared train split")
     check_token_ids(model, dev_rows, (), "the prepared dev split")
     set_seed(seed)
@@ -414,6 +548,7 @@ def train(
         return max(0.0, (total - step) / max(1, total - warm))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    plain = model
     first_eligible = eligible_from(total) if eligible_from is not None else 0
     best = {"score": None, "step": 0}
     best_state = None
@@ -429,6 +564,16 @@ def train(
         best, best_state, history = saved["best"], saved["best_model"], saved["history"]
         step, epoch, skip = saved["step"], saved["epoch"], saved["batches_done"]
         set_rng_state(saved["rng"])
+    runner, teacher = model, kd.teacher if kd is not None else None
+    if acc is not None:
+        # A plain copy to receive the gathered weights at the end (sharding rewrites the model).
+        plain = copy.deepcopy(model).cpu() if _sharded(acc) and acc.is_main_process else model
+        wrapped, opt, sched = acc.prepare(model, opt, sched)
+        runner = _Runner(wrapped, model)
+        if kd is not None and _is_fsdp(acc):
+            # Sharded like the student; under DDP (and DeepSpeed) each process holds a replica.
+            teacher = _Runner(acc.prepare(kd.teacher), kd.teacher)
+        progress = progress and acc.is_main_process
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     while step < total:
         epoch_batches = batches(
@@ -442,25 +587,51 @@ def train(
         for batch_index, batch in enumerate(epoch_batches):
             if batch_index < skip:  # already trained on before the run was interrupted
                 continue
-            batch = _to(batch, device)
-            with autocast(device, dtype):
-                out = model_forward(model, batch)
-                loss_task = task_loss(out.logits, batch["labels"], shift)
-                loss = loss_task + router_loss(
-                    out, settings.router_z_loss_coef, settings.router_aux_loss_coef
-                )
-                if kd is not None and kd.alpha > 0:
-                    with torch.no_grad():
-                        t_out = model_forward(kd.teacher, batch, with_router=False)
-                    loss = loss + kd.alpha * kd_loss(
-                        out.logits, t_out.logits, batch["labels"], kd.temperature, shift, kd.loss
+            if acc is None:
+                batch = _to(batch, device)
+                with autocast(device, dtype):
+                    out = model_forward(model, batch)
+                    loss_task = task_loss(out.logits, batch["labels"], shift)
+                    loss = loss_task + router_loss(
+                        out, settings.router_z_loss_coef, settings.router_aux_loss_coef
                     )
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            # One transfer per step, as before (the bar shows the loss); checked before the update
-            # so that no step is taken on NaN gradients.
-            pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
-            loss_value, norm_value = pair.tolist()
+                    if kd is not None and kd.alpha > 0:
+                        with torch.no_grad():
+                            t_out = model_forward(kd.teacher, batch, with_router=False)
+                        loss = loss + kd.alpha * kd_loss(
+                            out.logits, t_out.logits, batch["labels"], kd.temperature, shift, kd.loss
+                        )
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                # One transfer per step, as before (the bar shows the loss); checked before the
+                # update so that no step is taken on NaN gradients.
+                pair = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+                loss_value, norm_value = pair.tolist()
+            else:
+                rows, tokens = batch["input_ids"].shape[0], _global_tokens(batch["labels"], shift)
+                local, real = _shard_batch(batch, acc.process_index, acc.num_processes)
+                local = _to(local, device)
+                with autocast(device, dtype):
+                    out = model_forward(runner, local)
+                    t_out = None
+                    if kd is not None and kd.alpha > 0:
+                        with torch.no_grad():
+                            t_out = model_forward(teacher, local, with_router=False)
+                    loss, loss_task = _shard_losses(
+                        out, t_out, local, real, rows, tokens, acc.num_processes, settings, kd, shift
+                    )
+                acc.backward(loss)
+                norm = acc.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
+                # DeepSpeed clips inside its own step and may not report the norm.
+                norm = torch.as_tensor(0.0 if norm is None else norm, device=loss.device)
+                # The mean over processes of their scaled losses is the global batch's loss; the
+                # norm (of the all-reduced gradients) is the same everywhere. Every process takes
+                # the same decision on them, so none is left waiting in a collective.
+                triple = torch.stack(
+                    [loss.detach().float(), norm.detach().float().to(loss.device), loss_task.detach().float()]
+                )
+                loss_value, norm_value, task_value = acc.reduce(triple, "mean").tolist()
+                loss_task = torch.tensor(task_value)
             if not math.isfinite(loss_value):
                 raise _diverged(
                     f"the loss is {loss_value}", step + 1, total, epoch + 1, settings.lr, checkpointing
@@ -482,6 +653,8 @@ def train(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
+            if loss_hook is not None:
+                loss_hook(step, loss_value)
             if step % 50 == 0 and log is not None:
                 log(
                     {
@@ -496,6 +669,10 @@ def train(
                 # A finite loss can still be followed by an update to inf (a huge learning rate):
                 # such weights must neither be scored nor kept.
                 bad = first_non_finite(model.named_parameters())
+                if _sharded(acc):  # each process sees its shard: any one's NaN stops them all
+                    flag = torch.tensor([float(bad is not None)], device=device)
+                    if acc.reduce(flag, "sum").item() and bad is None:
+                        bad = ("(on another process)", 0, 0)
                 if bad is not None:
                     raise _diverged(
                         f"{bad[1]} of {bad[2]} values of weight {bad[0]} are NaN/inf after the update",
@@ -506,7 +683,9 @@ def train(
                         checkpointing,
                     )
                 try:
-                    score = dev_metric.compute(model)
+                    # Under FSDP the forward must go through the wrapper, which gathers each
+                    # layer's shards in turn (the whole model need not fit one device).
+                    score = dev_metric.compute(runner if _is_fsdp(acc) else model)
                 except NonFiniteOutputError:
                     score = math.nan
                 if not math.isfinite(score):
@@ -522,10 +701,14 @@ def train(
                 history.append({"step": step, key: score})
                 if log is not None:
                     log({key: score}, step)
-                bar.write(f"step {step}/{total}: dev {dev_metric.name} {score:.4f}")
+                if acc is None or acc.is_main_process:
+                    bar.write(f"step {step}/{total}: dev {dev_metric.name} {score:.4f}")
                 if step >= first_eligible and dev_metric.better(score, best["score"]):
                     best = {"score": score, "step": step}
-                    best_state = copy.deepcopy(model.state_dict())
+                    if acc is None:
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        best_state = _full_state_dict(acc, runner._wrapped, model)
             if checkpointing is not None and checkpointing.due(step, total):
                 checkpointing.save(
                     {
@@ -547,9 +730,19 @@ def train(
                 break
         epoch, skip = epoch + 1, 0
     bar.close()
-    if best_state is not None:
+    extra = {}
+    if acc is not None and _sharded(acc):
+        final = best_state if best_state is not None else _full_state_dict(acc, runner._wrapped, model)
+        if acc.is_main_process:
+            plain.load_state_dict(final)
+            extra["model"] = plain
+        acc.wait_for_everyone()
+    elif best_state is not None:
         model.load_state_dict(best_state)
+    if acc is not None:
+        acc.free_memory()  # the accelerator forgets this model: KD trains several in turn
     return {
+        **extra,
         f"best_dev_{dev_metric.name}": best["score"],
         "best_step": best["step"],
         "total_steps": total,

@@ -127,7 +127,7 @@ def load(args: argparse.Namespace) -> Params:
     except ParamsError as err:
         sys.exit(f"error: {err}")
     uri = tracking.resolve_uri(params.mlflow.tracking_uri)
-    if uri is not None:
+    if uri is not None and is_main_process():
         try:
             tracking.check_store(uri)
         except tracking.TrackingError as err:
@@ -155,6 +155,12 @@ def weights_dtype(params: Params):
     from pipeline.modeling import weights_dtype as named
 
     return named(params.runtime.weights_dtype)
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes (the only one unless under ``accelerate launch``,
+    whose launcher sets RANK for each process)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def section(params: Params, *names: str) -> dict:
@@ -203,7 +209,8 @@ def mlflow_run(params: Params, params_path: str, stage: str, sections: dict, run
     """The stage's MLflow run, a child of its pipeline execution's parent run (``stages.tracking``),
     holding the stage's params; a full disk while inside it ends the stage in one line."""
     all_params = yaml.safe_load(Path(params_path).read_text()) or {}
-    uri = tracking.resolve_uri(params.mlflow.tracking_uri)
+    # Under accelerate launch only the main process logs: the others would open duplicate runs.
+    uri = tracking.resolve_uri(params.mlflow.tracking_uri) if is_main_process() else None
     with tracking.stage_run(
         uri, params.mlflow.experiment, params_path, stage, sections, all_params, run_name
     ) as run:

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import ParamsError, with_overrides
 from pipeline.data import load_prepared
+from pipeline.distributed import LauncherError, launched_accelerator
 from pipeline.modeling import (
     atomic_dir,
     build_model,
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         storage = floating_dtype(model)
         device = resolve_device(params.runtime.device)
     ft = params.finetune
+    # Under accelerate launch: one process per device; only the main one writes.
+    with stop_on_bad_input(LauncherError):
+        acc = launched_accelerator(params.launch.launcher, device, ("finetune.batch_size", ft.batch_size))
+    if acc is not None:
+        device = acc.device
+    main_process = acc is None or acc.is_main_process
     settings = TrainSettings(**ft.model_dump())
     keys = ("seed", "zero_shot", "model", "runtime", "finetune") + (("upcycle",) if up else ())
     made_by = lineage(params, keys, args.data)
@@ -140,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
                     log=run.log_metrics,
                     dev_metric=dev,
                     checkpointing=ckpt,
+                    accelerator=acc,
                 )
+            model = summary.pop("model", model)  # FSDP/DeepSpeed: the gathered weights
+        if not main_process:
+            return
         if storage != torch.float32:
             # Stock routers computing in float32 (Switch) cast themselves there at each forward.
             cast_weights(model, storage, "the fine-tuned model")

@@ -8,6 +8,7 @@ the same schedule from task-loss gradients alone.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from pipeline.analysis import remaining_param_ratios
 from pipeline.compression import SparsePruner, finalize_compact
 from pipeline.data import load_prepared
+from pipeline.distributed import LauncherError, launched_accelerator
 from pipeline.evaluation import expert_stats
 from pipeline.expert_pruning import KD_PRUNERS, TaskSpecificPruner, read_budget
 from pipeline.families import adapter_for
@@ -91,6 +93,21 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(params.runtime.device)
     tok, kd, c = task.tokenizer, params.kd, params.compress
     settings = TrainSettings(**kd.train.model_dump())
+    # Under accelerate launch: one process per device; only the main one writes. The teacher is
+    # replicated on every process (DDP, like the students).
+    with stop_on_bad_input(LauncherError):
+        acc = launched_accelerator(
+            params.launch.launcher, device, ("kd.train.batch_size", settings.batch_size)
+        )
+    if acc is not None:
+        device = acc.device
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED") and not params.zero_shot:
+            sys.exit(
+                f"error: kd_finetune prunes the compressed students' S during training, which needs whole "
+                f"weights; {acc.distributed_type.value} shards them: use DDP (accelerate launch --multi_gpu "
+                "--num_processes N, or configs/accelerate/ddp.yaml)"
+            )
+    main_process = acc is None or acc.is_main_process
     outs = {"m_smoe": args.out_m_smoe, "mc_smoe": args.out_mc_smoe, "c_smoe": args.out_c_smoe}
     metrics, remaining = {}, {}
     for name, student in students.items():
@@ -172,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
                         log=run.log_metrics,
                         dev_metric=dev,
                         checkpointing=ckpt,
+                        accelerator=acc,
                     )
+                student = summary.pop("model", student)  # FSDP/DeepSpeed: the gathered weights
+            if not main_process:
+                continue
             m = {
                 task.metric: summary[f"best_dev_{dev.name}"],
                 "best_step": summary["best_step"],
@@ -204,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             m["seconds"] = round(time.time() - t0, 1)
             run.log_metrics(m)
             metrics[name] = m
+    if not main_process:
+        return
     if args.plot:
         plot = Path(args.plot)
         plot.parent.mkdir(parents=True, exist_ok=True)

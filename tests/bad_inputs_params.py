@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from stages import prepare
 from tests.bad_input_harness import Case, Ctx, checkpoint_setup, params_text, set_params
@@ -10,6 +11,8 @@ from tests.bad_input_harness import Case, Ctx, checkpoint_setup, params_text, se
 # Line numbers below are those of these texts.
 _DUP_SECTION = "model:\n  config: {num_experts: 8}\nfinetune:\n  lr: 0.001\nfinetune:\n  lr: 0.01\n"
 _DUP_NESTED = "model:\n  config: {num_experts: 8}\nfinetune:\n  lr: 0.001\n  batch_size: 8\n  lr: 0.01\n"
+# The shipped accelerate configs (launch.launcher --config_file).
+_ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 _DUP_CONFIG = "model:\n  config:\n    num_experts: 8\n    d_model: 64\n    num_experts: 16\n"
 
 
@@ -92,6 +95,29 @@ CASES: list[Case] = [
         prepare.main,
         set_params(finetune__lr=float("inf")),
         ("finetune.lr: Input should be a finite number",),
+    ),
+    # ------------------------------------------------------------ launcher (several processes)
+    Case(
+        "unknown launcher",
+        prepare.main,
+        set_params(launch__launcher="torchrun --nproc_per_node 2"),
+        ("launch.launcher 'torchrun --nproc_per_node 2' is not one of: python | accelerate launch",),
+    ),
+    Case(
+        "global batch not divisible by the processes",
+        prepare.main,
+        set_params(
+            launch__launcher="accelerate launch --multi_gpu --num_processes 3", finetune__batch_size=8
+        ),
+        ("finetune.batch_size=8 (the global batch) is not divisible by the 3 processes",),
+    ),
+    Case(
+        "deepspeed config without deepspeed",
+        prepare.main,
+        set_params(
+            launch__launcher=f"accelerate launch --config_file {_ACCELERATE / 'deepspeed_zero3.yaml'}"
+        ),
+        ("uses distributed_type DEEPSPEED, which needs the deepspeed package (pip install deepspeed)",),
     ),
     Case(
         "nan sparse ratio",

@@ -237,7 +237,7 @@ def test_every_stage_lists_the_library_modules_it_imports(dvc_file):
     # pipeline.config is the params schema, shared by every stage; its registry look-ups only
     # validate names, so it is not followed (else any schema edit would re-run every stage).
     for name, stage in _stages(dvc_file).items():
-        script = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1)
+        script = re.search(r"-m (stages\.\w+)", stage["cmd"]).group(1)
         seen, todo = set(), [script]
         while todo:
             mod = todo.pop()
