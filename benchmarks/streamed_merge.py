@@ -121,7 +121,8 @@ def cheap_groups(model_dir: str | Path, num_experts_avg: int) -> dict:
     """Groups from router weights alone (no forward pass): uniform usage, ``ratio: uniform``,
     ``similarity: router-weight``, ``method: m-smoe``; each router weight is read lazily."""
     from pipeline.grouping import LayerData, group_experts
-    from pipeline.streaming import CheckpointReader, _load_config, _plan_targets, _read_target, meta_skeleton
+    from pipeline.shards import CheckpointReader
+    from pipeline.streaming import _load_config, _plan_targets, _read_target, meta_skeleton
 
     reader = CheckpointReader(model_dir)
     skeleton, adapter = meta_skeleton(_load_config(Path(model_dir)))

@@ -120,7 +120,7 @@ def _require_sparse(model: nn.Module) -> None:
         )
 
 
-def _custom_code(path: Path) -> str | None:
+def custom_code_modules(path: Path) -> str | None:
     """The modules a local checkpoint's config asks to import (``auto_map``), if any."""
     try:
         auto_map = json.loads((path / "config.json").read_text()).get("auto_map") or {}
@@ -200,7 +200,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        code = _custom_code(path) if not trust_remote_code else None
+        code = custom_code_modules(path) if not trust_remote_code else None
         if code:
             raise CheckpointError(
                 f"{name_or_path} needs its own Python code to load ({code}); it is not run unless "
@@ -229,7 +229,7 @@ def load_model(
     return model
 
 
-def _config_dtype(config) -> torch.dtype:
+def config_dtype(config) -> torch.dtype:
     """The floating dtype a saved config records (``dtype``, or ``torch_dtype`` in older files);
     float32 where it records none."""
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -239,7 +239,8 @@ def _config_dtype(config) -> torch.dtype:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Build modules in ``dtype`` inside the block, restoring the process default after it."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -253,7 +254,7 @@ def _load_structured(path: Path, config, adapter, structure: dict) -> nn.Module:
 
     # Built in the dtype the checkpoint was saved in: building in float32 and copying bfloat16
     # weights in would double the memory of a bf16 model and silently change its numerics.
-    with _default_dtype(_config_dtype(config)):
+    with default_dtype(config_dtype(config)):
         model = adapter.model_class()(config)
         adapter.apply_structure(model, structure["layers"])
     state = {}
@@ -323,7 +324,7 @@ def save_model(
     # project's loader restore routing.
     overrides = adapter.stock_config_overrides(model) or {}
     # Keys may name a nested config ("ffn_config.moe_num_experts" of DBRX).
-    targets = {k: _config_slot(model.config, k) for k in overrides}
+    targets = {k: config_slot(model.config, k) for k in overrides}
     before = {k: getattr(obj, leaf) for k, (obj, leaf) in targets.items() if hasattr(obj, leaf)}
     for key in before:
         obj, leaf = targets[key]
@@ -348,7 +349,7 @@ def save_model(
             (folder / name).write_text(json.dumps(obj, indent=1))
 
 
-def _config_slot(config, key: str):
+def config_slot(config, key: str):
     """``(object, attribute)`` that a dotted config key names."""
     *path, leaf = key.split(".")
     for part in path:

@@ -32,20 +32,16 @@ import torch
 from torch import nn
 
 from pipeline.families import ModelStructureError, adapter_for
-from pipeline.modeling import STRUCTURE_FILE, CheckpointError
+from pipeline.modeling import STRUCTURE_FILE, CheckpointError, default_dtype
 from pipeline.profiling import LayerProfile, profile_routing
+from pipeline.shards import DTYPE_NAMES, CheckpointReader
 
 #: Device-map strategies of transformers/accelerate: ``auto`` and ``balanced`` spread the layers
 #: evenly over the GPUs there are, ``balanced_low_0`` keeps GPU 0 light, ``sequential`` fills them
 #: in order; what does not fit goes to ``cpu`` and then ``disk``.
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
+_FLOATING = {name: dtype for dtype, name in DTYPE_NAMES.items() if dtype.is_floating_point}
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -54,13 +50,11 @@ _SAFETENSORS_DTYPES = {
 def checkpoint_shards(folder: str | Path) -> dict[str, Path]:
     """Every tensor name of a safetensors checkpoint folder and the shard that holds it.
 
-    Reads the index and each shard's header only (no weights), through the streamed merge's
-    :class:`~pipeline.streaming.CheckpointReader`, which raises :class:`CheckpointError` naming the
+    Reads the index and each shard's header only (no weights), through
+    :class:`~pipeline.shards.CheckpointReader`, which raises :class:`CheckpointError` naming the
     first problem: no folder, no config, no safetensors weights, a shard the index names that is
     missing or unreadable, or a tensor the index puts in a shard that lacks it.
     """
-    from pipeline.streaming import CheckpointReader
-
     reader = CheckpointReader(folder)
     return {name: reader.folder / shard for name, shard in reader.shard_of.items()}
 
@@ -77,7 +71,7 @@ def stored_dtype(shards: Mapping[str, Path]) -> torch.dtype:
         with safe_open(str(file), framework="pt") as f:
             for name in names:
                 sl = f.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                dtype = _FLOATING.get(sl.get_dtype())
                 if dtype is not None:
                     total[dtype] = total.get(dtype, 0) + max(1, _numel(sl.get_shape()))
     return max(total, key=total.get) if total else torch.float32
@@ -99,13 +93,8 @@ def meta_model(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read the config of {folder}: {err}") from None
     adapter = adapter_for(config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = adapter.model_class()(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), torch.device("meta"):
+        model = adapter.model_class()(config)
     if not adapter.sparse_layers(model):
         raise ModelStructureError(f"{folder}: the model has no SMoE layer; there is no routing to profile")
     return model

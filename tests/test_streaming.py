@@ -24,7 +24,8 @@ from pipeline.merging import merge_model
 from pipeline.modeling import CheckpointError, load_model, save_model
 from pipeline.profiling import save_profile
 from pipeline.routing import set_router_mode
-from pipeline.streaming import ShardWriter, stream_merge
+from pipeline.shards import ShardWriter
+from pipeline.streaming import stream_merge
 from tests.conftest import profiles_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -185,6 +185,15 @@ class MoEAdapter:
     def apply_structure(self, model: nn.Module, structure: dict) -> None:
         raise NotImplementedError
 
+    def layers_named_by(self, model: nn.Module, structure: dict) -> dict[str, SparseLayer]:
+        """The model's SMoE layers by name; refuses a structure naming a layer the model lacks
+        (a structure file from another model would otherwise be applied in part)."""
+        layers = {layer.name: layer for layer in self.sparse_layers(model)}
+        unknown = sorted(set(structure) - set(layers))
+        if unknown:
+            raise ModelStructureError(f"model structure names layers the model lacks: {unknown}")
+        return layers
+
     def permute_expert(self, layer: SparseLayer, idx: int, perm: torch.Tensor) -> None:
         """Reorder expert ``idx``'s hidden neurons (the function it computes is unchanged)."""
         w = self.expert_weights(layer, idx)

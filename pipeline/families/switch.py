@@ -417,10 +417,7 @@ class SwitchAdapter(MoEAdapter):
         return out
 
     def apply_structure(self, model: nn.Module, structure: dict) -> None:
-        layers = {layer.name: layer for layer in self.sparse_layers(model)}
-        unknown = sorted(set(structure) - set(layers))
-        if unknown:
-            raise ModelStructureError(f"model structure names layers the model lacks: {unknown}")
+        layers = self.layers_named_by(model, structure)
         for name, spec in structure.items():
             layer = layers[name]
             act, p = self._act_and_dropout(layer.module)
