@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -81,6 +81,11 @@ benchmark-offload:
 # and 16 layers (hidden 2048; ARGS=--full adds the 24-layer, ~9.7 GB one): seconds and peak RSS.
 benchmark-streamed:
 	$(PY) -m benchmarks.streamed_merge $(ARGS)
+
+# Memory per step (serve, profile, streamed merge, finetune, KD) for Mixtral-8x7B, Qwen3-30B-A3B and
+# DeepSeek-V2-Lite on 1 and 8 GPUs, counted from their configs on the meta device.
+memory-plan:
+	$(PY) -m scripts.memory_plan
 
 mlflow-ui:
 	$(PY) -m mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --port 5000
