@@ -182,7 +182,9 @@ def plan(
     stock_w, merged_w = counts.total * bytes_per_param / GB, merged * bytes_per_param / GB
     usable = gpu_gb * serve_fraction
     on_gpus = min(stock_w, usable * gpus)
-    stream_ram = (STREAM_BASE_BYTES + STREAM_LAYERS_HELD * counts.largest_layer_experts * bytes_per_param) / GB
+    stream_ram = (
+        STREAM_BASE_BYTES + STREAM_LAYERS_HELD * counts.largest_layer_experts * bytes_per_param
+    ) / GB
 
     def fits(x: float) -> bool:
         return x <= usable
