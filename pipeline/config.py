@@ -378,6 +378,13 @@ class TrainParams(_Section):
     trainable: Literal["all", "moe"] = "all"
 
 
+class FinetuneParams(TrainParams):
+    # A classifier whose selected checkpoint does not beat always answering the dev split's most
+    # frequent label (the lower end of the paired 95% interval of the difference is <= 0) is a
+    # warning; true makes it an error, and nothing is written (pipeline.trivial_baselines).
+    require_above_baseline: bool = False
+
+
 class ProfileParams(_Section):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -610,7 +617,7 @@ class Params(_Section):
     model: ModelParams
     runtime: RuntimeParams = RuntimeParams()
     launch: LaunchParams = LaunchParams()
-    finetune: TrainParams = TrainParams()
+    finetune: FinetuneParams = FinetuneParams()
     profile: ProfileParams = ProfileParams()
     align: AlignParams = AlignParams()
     group: GroupParams = GroupParams()

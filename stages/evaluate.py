@@ -12,6 +12,13 @@ official files in ``data.data_dir`` (the prepared examples, found at their recor
 the project's scorer; its name and version are recorded in the metrics and the MLflow run. There
 ``--predictions`` records each test block's NLL and each zero-shot example's hit per variant.
 
+Beside every accuracy sit its trivial baselines, from the evaluated examples alone
+(:mod:`pipeline.trivial_baselines`: majority share, chance, and for multiple choice always-first and
+always-shortest), and each variant's paired difference to the majority answer with its 95% interval:
+a variant whose interval does not lie above zero is marked ``beats_majority: false`` (in the metrics,
+the MLflow run's ``not_above_majority`` tag and the printed table), since always answering the most
+frequent label would do as well.
+
 The merged model is also measured under each router mode (``merged_<mode>``): the same experts,
 with the router remapped or pruned to one output per group. A full SMoE upcycled from a dense
 decoder (``model.upcycle_from``) has that dense model scored beside it (``dense``).
@@ -24,6 +31,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.baselines import run_intervals
@@ -36,6 +44,16 @@ from pipeline.modeling import cast_weights, load_model, resolve_device, save_mod
 from pipeline.plots import accuracy_vs_size_figure
 from pipeline.routing import router_mode_refusals, router_mode_variants
 from pipeline.training import check_token_ids, evaluate_accuracy
+from pipeline.trivial_baselines import (
+    CI_LEVEL,
+    choice_baselines,
+    choice_majority_correct,
+    classification_baselines,
+    describe_versus,
+    flat_versus,
+    majority_correct,
+    versus_majority,
+)
 from stages.common import load, mlflow_run, parser, section, stop_on_bad_input, weights_dtype, write_json
 from stages.tracking import repo_root
 
@@ -90,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
             if weights_dtype(params) is not None:
                 cast_weights(dense, weights_dtype(params), up.source)
             models = {"dense": dense, **models}
+    trivial, majority = trivial_baselines(task, split)
+    labels = None if task.objective == "lm" else torch.tensor([int(r["label"]) for r in task.splits[split]])
     results, logps, kls, lm_details = {}, {}, {}, {}
+    below: list[str] = []  # variants that do not beat their majority baseline
     logged = section(params, "evaluate", "runtime") | (section(params, "data.data_dir") if data_dir else {})
     with (
         tempfile.TemporaryDirectory(prefix="router-modes-") as scratch,
@@ -99,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         if scorer_record:
             run.log_params({"zero_shot_scorer": scorer_record})
             run.set_tags({"zero_shot_scorer": " ".join(scorer_record.values())})
+        if trivial:
+            print(describe_baselines(trivial), flush=True)
+            run.log_metrics(trivial, prefix="baseline.")
         for mode, model in modes.items():
             if mode == "remap":
                 continue  # that is the merged model itself
@@ -168,9 +192,27 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 del knocked
             print(f"{v:8s} " + "  ".join(f"{k}={val:.4g}" for k, val in results[v].items()), flush=True)
+            if v in logps:
+                correct = (logps[v].argmax(-1) == labels).numpy().astype(np.int8)
+            else:
+                correct = lm_details[v]["zero_shot"] if v in lm_details else None
+            flags = versus_baselines(v, results[v], trivial, majority, correct)
+            if flags is not None and not flags:
+                below.append(v)
             run.log_metrics(results[v], prefix=f"{v}.")
+            if flags is not None:
+                run.log_metrics({"beats_majority": float(flags)}, prefix=f"{v}.")
         # The scorer once, beside the variants: every zero-shot figure in the file is its.
         records = {"zero_shot_scorer": scorer_record} if scorer_record else {}
+        if trivial:
+            records["trivial_baselines"] = trivial
+            run.set_tags({"not_above_majority": ", ".join(below) or "none"})
+            if below:
+                print(
+                    "warning: not above the majority baseline (always the most frequent answer does as "
+                    "well, within the 95% interval): " + ", ".join(below),
+                    flush=True,
+                )
         if refused:
             records["router_modes_refused"] = refused
             print("router modes not defined for this family: " + "; ".join(refused.values()), flush=True)
@@ -193,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
             write_json(intervals, args.intervals)
         if args.predictions and logps:
             rows = task.splits[split]
-            labels = torch.tensor([int(r["label"]) for r in rows])
             write_json(
                 {
                     "split": split,
@@ -219,6 +260,65 @@ def main(argv: list[str] | None = None) -> None:
             f"{v}.{k}": x for row in table for v in [row["variant"]] for k, x in row.items() if k != "variant"
         }
         run.log_summary(table, headline, accuracy_vs_size_figure(results))
+
+
+def trivial_baselines(task, split: str) -> tuple[dict, dict | np.ndarray]:
+    """The evaluated examples' trivial baselines (the metrics file's ``trivial_baselines`` record)
+    and the majority answer's per-example correctness (per zero-shot task for a language model)."""
+    if task.objective == "lm":
+        baselines = {name: choice_baselines(ex) for name, ex in task.zero_shot.items()}
+        return baselines, {name: choice_majority_correct(ex) for name, ex in task.zero_shot.items()}
+    labels = [int(r["label"]) for r in task.splits[split]]
+    baselines = classification_baselines(labels, len(task.label_words), task.label_words)
+    return {"split": split, **baselines, "level": CI_LEVEL}, majority_correct(labels)
+
+
+def describe_baselines(trivial: dict) -> str:
+    """The trivial baselines, one line per evaluated set, for the printed table."""
+    if "majority" in trivial:  # one classification split
+        return (
+            f"trivial baselines on the {trivial['split']} split ({trivial['examples']} examples): majority "
+            f"{100 * trivial['majority']:.2f}% (always {trivial['majority_label']!r}), chance "
+            f"{100 * trivial['chance']:.2f}%"
+        )
+    return "\n".join(
+        f"trivial baselines of {name} ({b['examples']} examples): majority {100 * b['majority']:.2f}% "
+        f"(always choice {b['majority_label']}), chance {100 * b['chance']:.2f}%, always first "
+        f"{100 * b['first_choice']:.2f}%, always shortest {100 * b['shortest_choice']:.2f}%"
+        for name, b in trivial.items()
+    )
+
+
+def versus_baselines(
+    variant: str, result: dict, trivial: dict, majority: dict | np.ndarray, correct: dict | np.ndarray | None
+) -> bool | None:
+    """Add a variant's paired difference to the majority answer to its ``result`` and print it.
+
+    ``correct``: its per-example correctness on the classification split, or its hits per zero-shot
+    task. Returns whether it beats the majority baseline (on every zero-shot task), None where
+    nothing was scored against one.
+    """
+    if correct is None or not trivial:
+        return None
+    if isinstance(correct, np.ndarray):
+        versus = versus_majority(correct, majority)
+        result.update(flat_versus("", versus))
+        print("  " + describe_versus(variant, float(correct.mean()), trivial, versus), flush=True)
+        return versus["beats_majority"]
+    beaten = []
+    for name, hits in correct.items():
+        hits = np.asarray(hits, dtype=np.int8)
+        versus = versus_majority(hits, majority[name])
+        result.update(flat_versus(f"{name}_", versus))
+        print(
+            "  " + describe_versus(f"{variant} on {name}", float(hits.mean()), trivial[name], versus),
+            flush=True,
+        )
+        beaten.append(versus["beats_majority"])
+    if not beaten:
+        return None
+    result["beats_majority"] = all(beaten)
+    return result["beats_majority"]
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
 Language-modelling tasks train next-token prediction; with ``zero_shot: true`` the checkpoint is
 saved as it is, untrained (the paper's decoder setting).
+
+A classifier's selected checkpoint is checked against the dev split's majority baseline (always
+the most frequent label): one that does not beat it (paired 95% interval) is a warning, or with
+``finetune.require_above_baseline: true`` an error before anything is written.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import ParamsError, with_overrides
@@ -26,7 +32,12 @@ from pipeline.modeling import (
     save_model,
     transfer_embeddings,
 )
-from pipeline.training import TrainSettings, dev_metric_for, train
+from pipeline.training import TrainSettings, correct_per_example, dev_metric_for, train
+from pipeline.trivial_baselines import (
+    classification_baselines,
+    majority_correct,
+    versus_majority,
+)
 from stages.common import (
     checkpointing,
     dump_yaml,
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if acc is not None:
         device = acc.device
     main_process = acc is None or acc.is_main_process
-    settings = TrainSettings(**ft.model_dump())
+    settings = TrainSettings(**ft.model_dump(exclude={"require_above_baseline"}))
     keys = ("seed", "zero_shot", "model", "runtime", "finetune") + (("upcycle",) if up else ())
     made_by = lineage(params, keys, args.data)
     # One model of a matrix is told apart from its siblings in the MLflow UI by its output folder.
@@ -152,6 +163,15 @@ def main(argv: list[str] | None = None) -> None:
             model = summary.pop("model", model)  # FSDP/DeepSpeed: the gathered weights
         if not main_process:
             return
+        baseline = None
+        if task.objective != "lm":
+            baseline = check_above_baseline(
+                model, task, ft.eval_batch_size, device, params.runtime.dtype, ft.require_above_baseline
+            )
+            if not baseline["beats_majority"] and ft.require_above_baseline:
+                if ckpt is not None:
+                    ckpt.clear()  # training is over: a resume would only reach the same checkpoint
+                sys.exit(f"error: {baseline['message']}")
         if storage != torch.float32:
             # Stock routers computing in float32 (Switch) cast themselves there at each forward.
             cast_weights(model, storage, "the fine-tuned model")
@@ -172,8 +192,47 @@ def main(argv: list[str] | None = None) -> None:
             "params_total": count_unique_params(model),
             "seconds": round(time.time() - t0, 1),
         }
+        if baseline is not None:
+            metrics["majority_baseline"] = baseline["majority"]
+            metrics["beats_majority"] = baseline["beats_majority"]
+            run.log_metrics({"beats_majority": float(baseline["beats_majority"])})
         run.log_metrics(metrics)
         write_json({**metrics, "history": summary["history"]}, args.metrics)
+
+
+def check_above_baseline(model, task, batch_size: int, device, dtype: str, required: bool) -> dict:
+    """The selected classifier against the dev split's majority baseline: its share, whether the
+    model beats it (paired 95% interval above zero) and, where it does not, the one-line message,
+    printed here as a warning unless ``required`` (then the caller stops with it)."""
+    rows = task.splits["dev"]
+    labels = [int(r["label"]) for r in rows]
+    correct = np.asarray(
+        correct_per_example(
+            model.to(device),
+            rows,
+            task.label_token_ids(),
+            task.tokenizer.pad_token_id,
+            batch_size,
+            device,
+            dtype,
+        ),
+        dtype=np.int8,
+    )
+    majority = classification_baselines(labels, len(task.label_words), task.label_words)
+    versus = versus_majority(correct, majority_correct(labels))
+    out = {"majority": majority["majority"], "beats_majority": versus["beats_majority"]}
+    if not versus["beats_majority"]:
+        out["message"] = (
+            f"the selected checkpoint's dev accuracy {100 * correct.mean():.2f}% does not beat the majority "
+            f"baseline {100 * majority['majority']:.2f}% (always {majority['majority_label']!r}, "
+            f"{majority['examples']} dev examples; difference {100 * versus['diff']:+.2f} points, "
+            f"{100 * versus['level']:g}% CI [{100 * versus['low']:+.2f}, {100 * versus['high']:+.2f}]): "
+            "it may always answer one class; set finetune.require_above_baseline: "
+            + ("false to keep it anyway" if required else "true to make this an error")
+        )
+        if not required:
+            print(f"warning: {out['message']}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

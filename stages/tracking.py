@@ -33,8 +33,9 @@ ROLE_TAG = "smoe.role"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 NO_TRACKING_HINT = "or set mlflow.tracking_uri: null to run without tracking"
 # Keys of evaluate.json that are records about the run, not variants: the zero-shot scorer's name
-# and version, and the router modes the merged model's family does not define (with the reason).
-EVALUATE_RECORDS = ("zero_shot_scorer", "router_modes_refused")
+# and version, the router modes the merged model's family does not define (with the reason), and
+# the evaluated examples' trivial baselines (majority share, chance, ...).
+EVALUATE_RECORDS = ("zero_shot_scorer", "router_modes_refused", "trivial_baselines")
 
 
 class TrackingError(Exception):

@@ -203,6 +203,17 @@ CASES: list[Case] = [
         ("training diverged:", "(epoch ", "lr=1e+30"),
     ),
     Case(
+        # Every prepared dev example is positive: no classifier beats always answering "positive".
+        "fine-tuned model no better than the majority class, required to be",
+        finetune.main,
+        # A checkpoint every step: the refused run leaves none behind either.
+        lambda c: _built(c, **{"finetune.require_above_baseline": True, "checkpoints.every_steps": 1}),
+        (
+            "does not beat the majority baseline 100.00% (always 'positive', 8 dev examples",
+            "set finetune.require_above_baseline: false to keep it anyway",
+        ),
+    ),
+    Case(
         "teacher whose logits overflow in KD",
         _kd_stage,
         lambda c: _kd_inputs(c, teacher_edit=_scale(3e38)),

@@ -79,6 +79,12 @@ CASES: list[Case] = [
         ("finetune.lr: true is a boolean, not a number",),
     ),
     Case(
+        "word that is no boolean for a switch",
+        prepare.main,
+        set_params(finetune__require_above_baseline="maybe"),
+        ("finetune.require_above_baseline: Input should be a valid boolean",),
+    ),
+    Case(
         "boolean as an integer in kd.train",
         prepare.main,
         set_params(kd__train__warmup_steps=False),

@@ -157,6 +157,8 @@ def test_repro_then_partial_rerun(repo: Path, reference) -> None:
     assert _ran(log) == set(STAGES)
 
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    trivial = metrics.pop("trivial_baselines")
+    assert trivial["split"] == "test" and 0.5 <= trivial["majority"] <= 1 and trivial["chance"] == 0.5
     assert set(metrics) == EVALUATED
     for name, m in metrics.items():
         assert set(m) >= VARIANT_KEYS, name
@@ -508,6 +510,7 @@ def test_decoder_pipeline_repro_and_partial_rerun(repo: Path) -> None:
     assert _ran(log) == set(STAGES)
     metrics = json.loads((repo / "metrics" / "llm" / "evaluate.json").read_text())
     assert metrics.pop("zero_shot_scorer") == {"name": "lm-evaluation-harness", "version": "0.4.13"}
+    assert set(metrics.pop("trivial_baselines")) == set(params["data"]["zero_shot_tasks"])
     assert set(metrics) == EVALUATED
     for name, m in metrics.items():
         assert set(m) >= LLM_VARIANT_KEYS, name
@@ -626,6 +629,7 @@ def test_meo_pipeline_matrix_then_mc_smoe(repo: Path, tmp_path: Path) -> None:
     saved = yaml.safe_load((repo / "meo" / "models" / "moe-k2-s1" / "params.yaml").read_text())
     assert saved["upcycle"]["layer"] == "moe" and saved["seed"] == 1
     evaluated = json.loads((repo / "metrics" / "meo" / "mcsmoe" / "evaluate.json").read_text())
+    assert "majority" in evaluated.pop("trivial_baselines")
     assert set(evaluated) == EVALUATED
     assert evaluated["mc_smoe"]["expert_params"] < evaluated["full"]["expert_params"] / 4
     # One model of the matrix changes: only it and the comparison run again.

@@ -87,6 +87,12 @@ def test_zero_shot_evaluate_reports_perplexity_and_zero_shot_accuracy(zero_shot_
     metrics = json.loads((d / "evaluate.json").read_text())
     # The default scorer is lm-evaluation-harness, recorded with its version beside the variants.
     assert metrics.pop("zero_shot_scorer") == {"name": "lm-evaluation-harness", "version": "0.4.13"}
+    # Each zero-shot task's trivial baselines, from its own examples.
+    trivial = metrics.pop("trivial_baselines")
+    assert set(trivial) == {"copa", "winogrande", "openbookqa", "mrpc"}
+    assert trivial["openbookqa"]["chance"] == 0.25 and trivial["copa"]["chance"] == 0.5
+    for b in trivial.values():
+        assert b["examples"] == 8 and b["chance"] <= b["majority"] <= 1 and 0 <= b["shortest_choice"] <= 1
     assert {"full", "merged", "m_smoe", "mc_smoe", "c_smoe"} <= set(metrics)
     hits = json.loads((d / "predictions.json").read_text())["zero_shot"]
     for v, m in metrics.items():
@@ -94,6 +100,10 @@ def test_zero_shot_evaluate_reports_perplexity_and_zero_shot_accuracy(zero_shot_
         for task in ("copa", "winogrande", "openbookqa", "mrpc"):
             assert m[f"{task}_examples"] == 8 and 0 <= m[f"{task}_accuracy"] <= 1
             assert m[f"{task}_accuracy"] == hits[task][v].count("1") / 8
+            # Random tiny weights on 8 examples: no interval lies above the majority answer.
+            low, diff, high = (m[f"{task}_majority_diff{s}"] for s in ("_low", "", "_high"))
+            assert low <= diff <= high and m[f"{task}_beats_majority"] is False
+        assert m["beats_majority"] is False
         # acc_norm only where lm-eval's task defines it.
         assert "openbookqa_accuracy_norm" in m and "copa_accuracy_norm" not in m
         assert m["mean_accuracy"] == pytest.approx(sum(m[f"{t}_accuracy"] for t in hits) / 4)
@@ -102,6 +112,7 @@ def test_zero_shot_evaluate_reports_perplexity_and_zero_shot_accuracy(zero_shot_
         tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run,)).fetchall())
         params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run,)).fetchall())
     assert tags["zero_shot_scorer"] == "lm-evaluation-harness 0.4.13"
+    assert set(tags["not_above_majority"].split(", ")) == set(metrics)
     assert params["zero_shot_scorer.version"] == "0.4.13" and params["evaluate.zero_shot_scorer"] == "lm-eval"
     assert metrics["full"]["test_perplexity"] == pytest.approx(
         json.loads((d / "finetune.json").read_text())["perplexity"], rel=0.5
