@@ -11,6 +11,12 @@ SMoE layer every other block, 32 experts; 2.0B parameters), so it runs offline o
   width (every block dense): latency and tokens/s of a teacher-forced forward at ``--batch-size``
   x ``--seq-len`` source tokens, peak forward memory, and bytes of the saved checkpoint.
 
+With ``--align-study`` (or only it, ``--align-only``): the alignment cost per assignment solver
+(``--align-solvers``) and, for the exact one, per worker count (``--align-workers``), over the 11
+layers at switch-base-32 size, and per expert pair at Mixtral width (one 14336 x 14336 assignment)
+and DeepSeek width (``--align-pairs`` of a layer's 255 pairs): seconds and gap to the exact optimum,
+with similarities built (and the auction run) on ``--device``.
+
 The merged and compressed models are made from the full one in place, so memory holds one large
 model at a time (about 8 GB for the full one in float32). Random experts merge into random experts:
 the figures are about time, memory and size, not accuracy. Since no KD runs here, S is pruned by
@@ -19,6 +25,7 @@ for speed and size.
 
     python -m benchmarks.switch_base_32                 # the full-size run (about 15-20 min on 2 cores)
     python -m benchmarks.switch_base_32 --quick --out /tmp/b.json   # tiny dimensions, seconds
+    python -m benchmarks.switch_base_32 --align-only --device cuda  # alignment cost (make benchmark-align)
 """
 
 from __future__ import annotations

@@ -155,3 +155,9 @@ def test_worker_counts(value, expected):
 def test_bad_worker_counts_are_refused(value):
     with pytest.raises(ValueError, match="give a count >= 0 or 'auto'"):
         resolve_workers(value)
+
+
+def test_the_cpu_auction_restores_the_thread_count():
+    before = torch.get_num_threads()
+    solve(_random(30, 2), "auction")
+    assert torch.get_num_threads() == before
