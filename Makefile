@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -62,6 +62,12 @@ families:
 # switch-base-32-size random models on this machine: merge cost, speed, memory, size (15-20 min, 16 GB RAM).
 benchmark:
 	$(PY) -m benchmarks.switch_base_32 $(ARGS)
+
+# Alignment cost per assignment solver and worker count at switch-base-32 size, and per expert pair
+# at Mixtral (14336 neurons) and DeepSeek (256 experts x 2048) widths; exact vs auction gap. Meant
+# for a GPU machine (the auction runs there; on a CPU it is slower than the exact solver).
+benchmark-align:
+	$(PY) -m benchmarks.switch_base_32 --align-only --out metrics/benchmark_align.json $(ARGS)
 
 # BERT-base-size random models: GFLOPs and wall-clock of dense, top-k MoE and MEO at k = 1, 2, 4, 8.
 benchmark-meo:

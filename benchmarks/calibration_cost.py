@@ -350,6 +350,10 @@ def calibrate(
                 {n: prof.frequency for n, prof in profiles.items()},
                 {n: prof.inputs for n, prof in profiles.items() if prof.inputs is not None},
                 include_wo=p.align.include_wo,
+                solver=p.align.solver,
+                tolerance=p.align.solver_tolerance,
+                workers=p.align.workers,
+                min_gain=p.align.min_gain,
             )
         moves, steps["align"] = recorder.moves, figures
         if reuse:

@@ -11,6 +11,12 @@ SMoE layer every other block, 32 experts; 2.0B parameters), so it runs offline o
   width (every block dense): latency and tokens/s of a teacher-forced forward at ``--batch-size``
   x ``--seq-len`` source tokens, peak forward memory, and bytes of the saved checkpoint.
 
+With ``--align-study`` (or only it, ``--align-only``): the alignment cost per assignment solver
+(``--align-solvers``) and, for the exact one, per worker count (``--align-workers``), over the 11
+layers at switch-base-32 size, and per expert pair at Mixtral width (one 14336 x 14336 assignment)
+and DeepSeek width (``--align-pairs`` of a layer's 255 pairs): seconds and gap to the exact optimum,
+with similarities built (and the auction run) on ``--device``.
+
 The merged and compressed models are made from the full one in place, so memory holds one large
 model at a time (about 8 GB for the full one in float32). Random experts merge into random experts:
 the figures are about time, memory and size, not accuracy. Since no KD runs here, S is pruned by
@@ -19,6 +25,7 @@ for speed and size.
 
     python -m benchmarks.switch_base_32                 # the full-size run (about 15-20 min on 2 cores)
     python -m benchmarks.switch_base_32 --quick --out /tmp/b.json   # tiny dimensions, seconds
+    python -m benchmarks.switch_base_32 --align-only --device cuda  # alignment cost (make benchmark-align)
 """
 
 from __future__ import annotations
@@ -31,15 +38,17 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from benchmarks.common import write_results
-from pipeline.align import align_model
+from pipeline.align import align_model, weight_features
+from pipeline.assignment import DEFAULT_TOLERANCE, SOLVERS, SolverPool, resolve_workers, solve
 from pipeline.compression import as_identity_merged, compress_model, finalize_compact, low_rank_sparse_modules
 from pipeline.evaluation import expert_stats, peak_forward_memory
-from pipeline.families import adapter_for
+from pipeline.families import SparseLayer, adapter_for
 from pipeline.grouping import group_experts, layer_data, merged_layer_names
 from pipeline.merging import merge_model
-from pipeline.modeling import bytes_on_disk, count_unique_params, save_model
+from pipeline.modeling import bytes_on_disk, count_unique_params, resolve_device, save_model
 from pipeline.profiling import profile_routing
 from pipeline.routing import set_router_mode
 
@@ -203,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         cost = results["merge_cost_s"]
         t0 = time.perf_counter()
-        align_model(model, adapter, "weight-matching", "first", layers=names)
+        align_model(model, adapter, "weight-matching", "first", layers=names, workers="auto")
         cost["align"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         data = {ly.name: layer_data(adapter, ly, profiles[ly.name]) for ly in layers if ly.name in names}
@@ -258,6 +267,154 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+# ---------------------------------------------------------------- alignment cost (issue 22)
+
+# (SMoE layers aligned, experts per layer, hidden size, expert width, matrices per expert)
+ALIGN_SHAPES = {
+    # switch-base-32: the 11 merged layers, 32 experts of wi [3072, 768] and wo [768, 3072].
+    "switch-base-32": (11, 32, 768, 3072, 2),
+    # Mixtral-8x7B: one pair of experts of w1, w3 [14336, 4096] and w2 [4096, 14336].
+    "mixtral-pair": (1, 2, 4096, 14336, 3),
+    # DeepSeek-V3: 256 routed experts of gate/up [2048, 7168] and down [7168, 2048] in a layer.
+    "deepseek-layer": (1, 256, 7168, 2048, 3),
+}
+QUICK_ALIGN_SHAPES = {
+    "switch-base-32": (3, 8, 64, 128, 2),
+    "mixtral-pair": (1, 2, 64, 256, 3),
+    "deepseek-layer": (1, 16, 96, 64, 3),
+}
+
+
+class RandomExperts:
+    """Just enough of an adapter for :func:`~pipeline.align.align_model`: SMoE layers of random
+    experts, made one layer at a time by :meth:`make` (outside the timed alignment)."""
+
+    def __init__(self, layers: int, experts: int, hidden: int, width: int, matrices: int, seed: int) -> None:
+        self.shape = (layers, experts, hidden, width, matrices)
+        self.seed = seed
+        names = ("w1", "w3")[: matrices - 1]
+        self.neuron_axes = {**dict.fromkeys(names, 0), "w2": 1}
+        self.layers = [SparseLayer(f"layers.{i}", "decoder", i, nn.Identity()) for i in range(layers)]
+        self._experts: list[dict[str, torch.Tensor]] = []
+
+    def make(self, layer: SparseLayer) -> None:
+        _, experts, hidden, width, _ = self.shape
+        g = torch.Generator().manual_seed(self.seed * 100_003 + layer.position)
+        self._experts = [
+            {
+                k: torch.randn(*((width, hidden) if ax == 0 else (hidden, width)), generator=g)
+                for k, ax in self.neuron_axes.items()
+            }
+            for _ in range(experts)
+        ]
+
+    def sparse_layers(self, model) -> list[SparseLayer]:
+        return self.layers
+
+    def num_experts(self, layer: SparseLayer) -> int:
+        return self.shape[1]
+
+    def expert_weights(self, layer: SparseLayer, e: int) -> dict[str, torch.Tensor]:
+        return self._experts[e]
+
+    def permute_expert(self, layer: SparseLayer, e: int, perm: torch.Tensor) -> None:
+        pass  # the permutation is the measured result; applying it is the same for every solver
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def align_layers_cost(
+    shape: tuple, solvers: list[str], workers: list, tolerance: float, device: torch.device
+) -> list[dict]:
+    """Seconds of ``align_model`` (weight matching) over every layer of ``shape``, per solver and
+    worker count (the auction runs on ``device`` in this process: one row), with the summed
+    matching objective and its gap to the exact one."""
+    adapter = RandomExperts(*shape, seed=0)
+    rows = []
+    for solver in solvers:
+        for w in workers if solver == "exact" else [1]:
+            seconds, objective, gains = 0.0, 0.0, []
+            with SolverPool(w) as pool:
+                for layer in adapter.layers:
+                    adapter.make(layer)
+                    t0 = time.perf_counter()
+                    r = align_model(None, adapter, "weight-matching", "first", layers={layer.name},
+                                    solver=solver, tolerance=tolerance, device=device, pool=pool)[layer.name]  # fmt: skip
+                    _sync(device)
+                    seconds += time.perf_counter() - t0
+                    objective += r["objective_after"]
+                    gains.append(r["gain"])
+            rows.append({"solver": solver, "workers": pool.workers, "seconds": round(seconds, 3),
+                         "objective": objective, "mean_gain": round(sum(gains) / len(gains), 6)})  # fmt: skip
+            print(f"  {solver:8s} workers {pool.workers:3d}: {seconds:9.2f} s", flush=True)
+    exact = next((r["objective"] for r in rows if r["solver"] == "exact"), None)
+    for r in rows:
+        r["relative_gap"] = None if exact is None else (exact - r["objective"]) / abs(exact)
+    return rows
+
+
+def pair_cost(shape: tuple, solvers: list[str], pairs: int, tolerance: float, device: torch.device) -> dict:
+    """Per expert pair of ``shape`` (the first ``pairs`` of its first layer): seconds to build the
+    similarity on ``device`` and to solve it with each solver, and each solver's gap to the exact
+    optimum (where ``exact`` is among ``solvers``)."""
+    adapter = RandomExperts(*shape, seed=1)
+    adapter.make(adapter.layers[0])
+    ref = weight_features(adapter.expert_weights(adapter.layers[0], 0), adapter.neuron_axes).to(device)
+    out: dict = {"pairs": [], "width": shape[3], "pairs_per_layer": shape[1] - 1}
+    for e in range(1, min(pairs, shape[1] - 1) + 1):
+        t0 = time.perf_counter()
+        sim = (
+            ref
+            @ weight_features(adapter.expert_weights(adapter.layers[0], e), adapter.neuron_axes).to(device).T
+        )
+        _sync(device)
+        row = {"expert": e, "similarity_s": round(time.perf_counter() - t0, 3)}
+        for solver in solvers:
+            t0 = time.perf_counter()
+            found = solve(sim, solver, tolerance)
+            _sync(device)
+            row[solver] = {"seconds": round(time.perf_counter() - t0, 3), "objective": found.objective}
+        if "exact" in solvers:
+            best = row["exact"]["objective"]
+            for solver in solvers:
+                row[solver]["relative_gap"] = (best - row[solver]["objective"]) / abs(best)
+            bound = len(sim) * tolerance * float(sim.max() - sim.min())
+            row["auction_bound"] = bound
+        out["pairs"].append(row)
+        print(f"  pair 0-{e}: " + ", ".join(f"{s} {row[s]['seconds']:.2f} s" for s in solvers), flush=True)
+        del sim
+    for solver in solvers:
+        mean = sum(p[solver]["seconds"] for p in out["pairs"]) / len(out["pairs"])
+        out[f"{solver}_mean_s"] = round(mean, 3)
+        out[f"{solver}_layer_s_estimate"] = round(mean * out["pairs_per_layer"], 1)
+    return out
+
+
+def alignment_study(args: argparse.Namespace) -> dict:
+    """Alignment cost at switch-base-32, Mixtral and DeepSeek widths, per solver (and, for the
+    exact solver at switch-base-32 size, per worker count)."""
+    shapes = QUICK_ALIGN_SHAPES if args.quick else ALIGN_SHAPES
+    device = resolve_device(args.device)
+    out = {"device": str(device), "tolerance": args.align_tolerance, "shapes": shapes}
+    print(f"alignment cost on {device} (solvers {', '.join(args.align_solvers)}):", flush=True)
+    print(
+        f" {shapes['switch-base-32'][0]} layers x {shapes['switch-base-32'][1] - 1} pairs of width {shapes['switch-base-32'][3]}",
+        flush=True,
+    )
+    out["switch-base-32"] = align_layers_cost(
+        shapes["switch-base-32"], args.align_solvers, args.align_workers, args.align_tolerance, device
+    )
+    for name in ("mixtral-pair", "deepseek-layer"):
+        print(f" {name}: width {shapes[name][3]}", flush=True)
+        out[name] = pair_cost(
+            shapes[name], args.align_solvers, args.align_pairs, args.align_tolerance, device
+        )
+    return out
+
+
 def print_table(results: dict) -> None:
     full = results["models"]["full"]
     print()
@@ -280,6 +437,19 @@ def print_table(results: dict) -> None:
     print(f"merged time / dense time: {results['ratios']['merged_time_vs_dense']}")
 
 
+def print_alignment(study: dict) -> None:
+    print(f"\nalignment on {study['device']}: switch-base-32 size, every merged layer")
+    for r in study["switch-base-32"]:
+        gap = "" if r["relative_gap"] is None else f"  relative gap to exact {r['relative_gap']:.2e}"
+        print(f"  {r['solver']:8s} workers {r['workers']:3d}  {r['seconds']:9.2f} s{gap}")
+    for name in ("mixtral-pair", "deepseek-layer"):
+        c = study[name]
+        solvers = [k for k, v in c["pairs"][0].items() if isinstance(v, dict)]
+        worst = {s: max(p[s].get("relative_gap", 0.0) for p in c["pairs"]) for s in solvers}
+        line = ", ".join(f"{s} {c[f'{s}_mean_s']:.2f} s/pair (worst gap {g:.2e})" for s, g in worst.items())
+        print(f"  {name} (width {c['width']}, {c['pairs_per_layer']} pairs a layer): {line}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny dimensions (a smoke run)")
@@ -299,6 +469,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparse-ratio", type=float, default=0.1)
     p.add_argument("--scope", default="merged", help="compression scope: merged (the paper) | all")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--device", default="auto", help="where alignment builds similarities and runs the auction"
+    )
+    p.add_argument(
+        "--align-solvers", nargs="+", default=["exact", "auction"], help="assignment solvers compared"
+    )
+    p.add_argument(
+        "--align-workers", nargs="+", default=["1", "auto"], help="exact-solver process counts (N or auto)"
+    )
+    p.add_argument("--align-tolerance", type=float, default=DEFAULT_TOLERANCE, help="auction tolerance")
+    p.add_argument("--align-pairs", type=int, default=4, help="expert pairs timed at Mixtral/DeepSeek width")
+    p.add_argument("--align-only", action="store_true", help="only the alignment cost study")
+    p.add_argument(
+        "--align-study", action="store_true", help="also the alignment cost study (after the models)"
+    )
     p.add_argument("--out", default="metrics/benchmark.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -309,12 +494,27 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ROUTER_MODES.get(args.router)
         SCOPES.get(args.scope)
+        for solver in args.align_solvers:
+            SOLVERS.get(solver)
+        args.align_workers = [w if w == "auto" else int(w) for w in args.align_workers]
+        for w in args.align_workers:
+            resolve_workers(w)
+        if not 0 < args.align_tolerance < 1 or args.align_pairs < 1:
+            raise ValueError("--align-tolerance must be in (0, 1) and --align-pairs >= 1")
+        resolve_device(args.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.num_experts_avg is None:
         args.num_experts_avg = 2 if args.quick else 8
-    results = run(args)
-    print_table(results)
+    if args.align_only:
+        results = {"alignment": alignment_study(args)}
+    else:
+        results = run(args)
+        if args.align_study:
+            results["alignment"] = alignment_study(args)
+        print_table(results)
+    if "alignment" in results:
+        print_alignment(results["alignment"])
     write_results(results, args.out)
 
 

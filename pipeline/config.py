@@ -403,8 +403,30 @@ class AlignParams(_Section):
     # Weight matching's cost includes the output projection (wo / down_proj), as the authors'
     # calls do (include_wo=True); false matches on the input projections alone.
     include_wo: bool = True
+    # The assignment solver (pipeline.assignment): exact (scipy, optimal; the authors') | auction
+    # (torch, on runtime.device; objective within n * solver_tolerance * (max - min similarity) of
+    # the optimum for n neurons).
+    solver: str = "exact"
+    solver_tolerance: float = Field(1e-4, ge=1e-9, lt=1)
+    # Processes solving expert pairs with the exact solver: 0 or 1 in the stage's process, N, or
+    # auto (every usable core). The permutations do not depend on it.
+    workers: int | Literal["auto"] = "auto"
+    # A layer whose alignment gain (the share of its experts' squared distance to the reference
+    # that alignment removes) is below this is left unaligned; 0 aligns every layer.
+    min_gain: float = Field(0.0, ge=0, le=1)
 
     _check_method = registered("method", "pipeline.align", "ALIGNERS")
+
+    _check_solver = registered("solver", "pipeline.assignment", "SOLVERS")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        if isinstance(v, bool):
+            return v  # _no_bool_numbers names it
+        raise ValueError(f"{v!r} is not a process count >= 0 nor auto")
 
 
 class GroupParams(_Section):

@@ -41,6 +41,7 @@ import yaml
 from torch import nn
 
 from pipeline.align import ALIGNERS, align_model
+from pipeline.assignment import DEFAULT_TOLERANCE, SOLVERS, SolverPool
 from pipeline.compression import SCOPES, as_identity_merged
 from pipeline.data import read_json
 from pipeline.families import ModelStructureError, MoEAdapter, adapter_for, set_submodule
@@ -382,6 +383,11 @@ def stream_merge(
     align: str = "weight-matching",
     reference: str = "first",
     include_wo: bool = True,
+    solver: str = "exact",
+    tolerance: float = DEFAULT_TOLERANCE,
+    workers: int | str | None = 1,
+    min_gain: float = 0.0,
+    device: torch.device | str | None = None,
     strategy: str = "frequency",
     repair: str = "none",
     router: str = "remap",
@@ -392,7 +398,8 @@ def stream_merge(
     extra: dict | Callable[[dict], dict] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Align (``align``, ``reference``, ``include_wo``: align params), merge (``groups``: the group
+    """Align (``align``, ``reference``, ``include_wo``, ``solver``, ``tolerance``, ``workers``,
+    ``min_gain``: align params; ``device``: where similarities are built), merge (``groups``: the group
     stage's JSON or its dict, None for no merge; ``strategy``, ``repair``, ``router``: merge params)
     and compress (``rank``: None for no compression; ``scope``) the checkpoint folder ``model``
     layer by layer into the folder ``out``, as the align, merge and compress stages would in memory.
@@ -409,6 +416,7 @@ def stream_merge(
     src, out = Path(model), Path(out)
     say = progress or (lambda _msg: None)
     _check_methods(align, strategy, repair, router, scope)
+    SOLVERS.get(solver)
     if src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"the output folder {out} is the input folder; write the result elsewhere")
     max_bytes = parse_size(max_shard_size)
@@ -468,7 +476,8 @@ def stream_merge(
     stock: list[dict | None] = []
     meta_state = skeleton.state_dict()
 
-    with atomic_dir(out) as tmp:
+    # One solver pool for every layer: its worker processes start once.
+    with atomic_dir(out) as tmp, SolverPool(workers) as pool:
         writer = ShardWriter(tmp, max_bytes)
         for kind, name in units:
             if kind == "copy":
@@ -495,7 +504,19 @@ def stream_merge(
             t1 = time.perf_counter()
             seconds["read"] += t1 - t0
             entry["align"] = align_model(
-                skeleton, adapter, align, reference, freqs, inputs, layers={name}, include_wo=include_wo
+                skeleton,
+                adapter,
+                align,
+                reference,
+                freqs,
+                inputs,
+                layers={name},
+                include_wo=include_wo,
+                solver=solver,
+                tolerance=tolerance,
+                min_gain=min_gain,
+                device=device,
+                pool=pool,
             )[name]
             t2 = time.perf_counter()
             seconds["align"] += t2 - t1

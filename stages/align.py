@@ -11,7 +11,14 @@ import torch
 from pipeline.align import align_model
 from pipeline.data import collate, load_prepared
 from pipeline.families import adapter_for
-from pipeline.modeling import atomic_dir, cast_weights, floating_dtype, load_model, save_model
+from pipeline.modeling import (
+    atomic_dir,
+    cast_weights,
+    floating_dtype,
+    load_model,
+    resolve_device,
+    save_model,
+)
 from pipeline.profiling import load_profile
 from pipeline.streaming import stream_merge
 from pipeline.training import model_forward
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(args.model, dtype=weights_dtype(params))
         storage = floating_dtype(model)
         profiles = load_profile(Path(args.profile), model)
+        device = resolve_device(params.runtime.device)
     check = collate(
         random.Random(params.merge_seed).sample(task.splits["dev"], min(64, len(task.splits["dev"]))),
         task.tokenizer.pad_token_id,
@@ -62,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
             {n: p.frequency for n, p in profiles.items()},
             {n: p.inputs for n, p in profiles.items() if p.inputs is not None},
             include_wo=params.align.include_wo,
+            solver=params.align.solver,
+            tolerance=params.align.solver_tolerance,
+            workers=params.align.workers,
+            min_gain=params.align.min_gain,
+            device=device,
         )
         # Alignment must not change what the model computes; record the evidence.
         diff = float((_logits(model, check) - before).abs().max())
@@ -72,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             save_model(model, tmp, params=lineage(params, ("align",), args.model), tokenizer=task.tokenizer)
         metrics = {
             "neurons_moved": sum(r["neurons_moved"] for r in report.values()),
+            "layers_aligned": sum(r.get("aligned", False) for r in report.values()),
             "max_abs_logit_change": diff,
             "seconds": round(time.time() - t0, 2),
             "layers": report,
@@ -93,12 +107,18 @@ def _streamed(args, params, t0: float) -> None:
                 align=a.method,
                 reference=a.reference,
                 include_wo=a.include_wo,
+                solver=a.solver,
+                tolerance=a.solver_tolerance,
+                workers=a.workers,
+                min_gain=a.min_gain,
+                device=resolve_device(params.runtime.device),
                 params=lineage(params, ("align",), args.model),
                 progress=lambda msg: print(msg, flush=True),
             )
         layers = {n: e["align"] for n, e in report["layers"].items()}
         metrics = {
             "neurons_moved": sum(r["neurons_moved"] for r in layers.values()),
+            "layers_aligned": sum(r.get("aligned", False) for r in layers.values()),
             "seconds": round(time.time() - t0, 2),
             "layers": layers,
         }

@@ -102,6 +102,31 @@ CASES: list[Case] = [
         set_params(finetune__lr=float("inf")),
         ("finetune.lr: Input should be a finite number",),
     ),
+    # ------------------------------------------------------------ alignment solver (issue 22)
+    Case(
+        "unknown assignment solver",
+        prepare.main,
+        set_params(align__solver="hungarian"),
+        ("align.solver: unknown assignment solver 'hungarian'; valid choices: auction, exact",),
+    ),
+    Case(
+        "solver tolerance of zero",
+        prepare.main,
+        set_params(align__solver_tolerance=0),
+        ("align.solver_tolerance: Input should be greater than or equal to 0.000000001",),
+    ),
+    Case(
+        "negative alignment worker count",
+        prepare.main,
+        set_params(align__workers=-2),
+        ("align.workers: -2 is not a process count >= 0 nor auto",),
+    ),
+    Case(
+        "alignment min_gain above one",
+        prepare.main,
+        set_params(align__min_gain=1.5),
+        ("align.min_gain: Input should be less than or equal to 1",),
+    ),
     # ------------------------------------------------------------ launcher (several processes)
     Case(
         "unknown launcher",

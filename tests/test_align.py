@@ -1,5 +1,6 @@
 """Permutation alignment: weight matching is exact, optimal, and never changes what a model computes."""
 
+import copy
 import itertools
 
 import pytest
@@ -11,6 +12,7 @@ from pipeline.align import (
     align_model,
     weight_matching_permutation,
 )
+from pipeline.assignment import SOLVERS, SolverPool
 from pipeline.families import adapter_for
 from pipeline.registry import UnknownChoiceError
 from tests.conftest import N_EXPERTS, TINY, logits
@@ -165,3 +167,120 @@ def test_activation_matching_leaves_model_outputs_unchanged(tiny_model, batch):
 def test_activation_matching_needs_inputs(tiny_model):
     with pytest.raises(ValueError, match="needs profiled layer inputs"):
         align_model(tiny_model, adapter_for(tiny_model), "activation-matching", "first")
+
+
+# ---------------------------------------------------------------- solvers, workers, gain (issue 22)
+
+
+def _legacy_weight_matching(a, b):
+    """The permutation as weight matching computed it before solvers were a choice."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    rows = lambda e: torch.cat([e["wi"], e["wo"].T], dim=1).float()  # noqa: E731
+    r, c = linear_sum_assignment((rows(a) @ rows(b).T).numpy(), maximize=True)
+    perm = np.empty_like(c)
+    perm[r] = c
+    return torch.as_tensor(perm)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_default_solver_is_the_previous_exact_matching(seed):
+    a, b = _expert(48, 16, seed), _expert(48, 16, seed + 7)
+    assert torch.equal(weight_matching_permutation(a, b, AXES), _legacy_weight_matching(a, b))
+
+
+@pytest.mark.parametrize("solver", SOLVERS.names())
+def test_every_solver_recovers_a_known_permutation_of_an_expert(solver):
+    a = _expert(40, 12, 11)
+    shuffle = torch.randperm(40, generator=torch.Generator().manual_seed(12))
+    b = _permute(a, shuffle)
+    aligned = _permute(b, weight_matching_permutation(a, b, AXES, solver=solver))
+    assert torch.equal(aligned["wi"], a["wi"]) and torch.equal(aligned["wo"], a["wo"])
+
+
+@pytest.mark.parametrize("solver", SOLVERS.names())
+@pytest.mark.parametrize("method", ["weight-matching", "activation-matching"])
+def test_alignment_with_any_solver_leaves_model_outputs_unchanged(tiny_model, batch, solver, method):
+    adapter = adapter_for(tiny_model)
+    before = logits(tiny_model, batch)
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        ly.name: torch.randn(64, TINY["d_model"], generator=g) for ly in adapter.sparse_layers(tiny_model)
+    }
+    report = align_model(tiny_model, adapter, method, "first", inputs=inputs, solver=solver, device="cpu")
+    assert sum(r["neurons_moved"] for r in report.values()) > 0
+    assert torch.allclose(logits(tiny_model, batch), before, atol=1e-5)
+
+
+def test_worker_processes_align_as_the_serial_path(tiny_model):
+    twin = copy.deepcopy(tiny_model)
+    adapter = adapter_for(tiny_model)
+    serial = align_model(tiny_model, adapter, "weight-matching", "first", workers=1)
+    with SolverPool(2, min_width=0) as pool:
+        parallel = align_model(twin, adapter_for(twin), "weight-matching", "first", pool=pool)
+        assert pool._executor is not None  # the pairs did go to worker processes
+    assert serial == parallel
+    a, b = tiny_model.state_dict(), twin.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _distance2(model, adapter, layer):
+    """Sum over non-reference experts of ||W_0 - W_e||^2 over the matrices in the matching cost."""
+    ref = adapter.expert_weights(layer, 0)
+    total = 0.0
+    for e in range(1, adapter.num_experts(layer)):
+        w = adapter.expert_weights(layer, e)
+        total += sum(float((ref[k].double() - w[k].double()).pow(2).sum()) for k in ref)
+    return total
+
+
+def test_report_gives_the_objective_and_distances_before_and_after(tiny_model):
+    adapter = adapter_for(tiny_model)
+    layers = adapter.sparse_layers(tiny_model)
+    before = {ly.name: _distance2(tiny_model, adapter, ly) for ly in layers}
+    report = align_model(tiny_model, adapter, "weight-matching", "first")
+    for ly in layers:
+        r = report[ly.name]
+        assert r["aligned"] and r["objective_after"] >= r["objective_before"]
+        assert r["distance2_before"] == pytest.approx(before[ly.name], rel=1e-5)
+        assert r["distance2_after"] == pytest.approx(_distance2(tiny_model, adapter, ly), rel=1e-5)
+        assert r["gain"] == pytest.approx(1 - r["distance2_after"] / r["distance2_before"])
+        assert 0 < r["gain"] < 1
+
+
+def test_min_gain_leaves_layers_below_it_unaligned(tiny_model):
+    adapter = adapter_for(tiny_model)
+    gains = {
+        n: r["gain"]
+        for n, r in align_model(copy.deepcopy(tiny_model), adapter, "weight-matching", "first").items()
+    }
+    assert len(set(gains.values())) == len(gains)
+    threshold = sorted(gains.values())[1]  # the lowest-gain layer falls below it
+    untouched = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    report = align_model(tiny_model, adapter, "weight-matching", "first", min_gain=threshold)
+    for ly in adapter.sparse_layers(tiny_model):
+        r = report[ly.name]
+        assert r["gain"] == pytest.approx(gains[ly.name])
+        assert r["aligned"] == (gains[ly.name] >= threshold)
+        weights_same = all(
+            torch.equal(v, untouched[k]) for k, v in tiny_model.state_dict().items() if k.startswith(ly.name)
+        )
+        assert weights_same == (not r["aligned"])
+        assert (r["neurons_moved"] == 0) == (not r["aligned"])
+
+
+def test_min_gain_one_aligns_nothing(tiny_model):
+    adapter = adapter_for(tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    report = align_model(tiny_model, adapter, "weight-matching", "first", min_gain=1.0)
+    assert not any(r["aligned"] for r in report.values())
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_negative_min_gain_and_unknown_solver_are_refused_before_any_work(tiny_model):
+    adapter = adapter_for(tiny_model)
+    with pytest.raises(ValueError, match="min_gain=-0.1 must be >= 0"):
+        align_model(tiny_model, adapter, "weight-matching", "first", min_gain=-0.1)
+    with pytest.raises(UnknownChoiceError, match="unknown assignment solver 'hungry'"):
+        align_model(tiny_model, adapter, "weight-matching", "first", solver="hungry")

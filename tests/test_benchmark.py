@@ -36,6 +36,32 @@ def test_quick_benchmark_measures_every_model(tmp_path, capsys):
     assert "align + group + merge of 3 layers" in capsys.readouterr().out
 
 
+def test_quick_alignment_study_times_every_solver_and_width(tmp_path, capsys):
+    out = tmp_path / "align.json"
+    main(["--quick", "--align-only", "--align-workers", "1", "2", "--align-pairs", "2", "--device", "cpu"]
+         + ["--out", str(out)])  # fmt: skip
+    study = json.loads(out.read_text())["alignment"]
+    rows = {(r["solver"], r["workers"]): r for r in study["switch-base-32"]}
+    assert set(rows) == {("exact", 1), ("exact", 2), ("auction", 1)}
+    # Worker processes change the time, not the matching.
+    assert rows[("exact", 1)]["objective"] == rows[("exact", 2)]["objective"]
+    assert rows[("exact", 2)]["relative_gap"] == 0.0 and rows[("auction", 1)]["relative_gap"] >= -1e-12
+    for name, width in (("mixtral-pair", 256), ("deepseek-layer", 64)):
+        c = study[name]
+        assert c["width"] == width and len(c["pairs"]) == (1 if name == "mixtral-pair" else 2)
+        for pair in c["pairs"]:
+            gap = pair["exact"]["objective"] - pair["auction"]["objective"]
+            assert -1e-9 <= gap <= pair["auction_bound"] + 1e-9
+        assert c["auction_layer_s_estimate"] >= 0
+    assert "alignment on cpu" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_an_unknown_solver(tmp_path):
+    with pytest.raises(SystemExit, match="unknown assignment solver 'greedy'; valid choices: auction, exact"):
+        main(["--quick", "--align-only", "--align-solvers", "greedy", "--out", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_benchmark_rejects_an_unknown_router_mode(tmp_path):
     with pytest.raises(
         SystemExit, match="unknown router mode 'top2'; valid choices: prune, prune-logsumexp, remap"

@@ -211,6 +211,9 @@ def test_streamed_align_merge_compress_write_the_in_memory_tensors(bf16_run):
             json.loads((s / f"{stage}.json").read_text()),
         )
         assert set(got) == set(ref) - missing, stage
+        if stage == "align":  # per layer: the same permutations, objectives and gains
+            assert got["layers"] == ref["layers"] and all("gain" in r for r in got["layers"].values())
+            assert got["layers_aligned"] == len(got["layers"])
     ref, got = json.loads((d / "compress.json").read_text()), json.loads((s / "compress.json").read_text())
     for name in ref:
         assert {k: v for k, v in got[name].items() if k != "seconds"} == {

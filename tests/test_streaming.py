@@ -386,3 +386,21 @@ def test_benchmark_groups_need_no_forward_pass(tmp_path):
     for spec in groups["layers"].values():
         assert spec["merged"] and [g[0] for g in spec["groups"]] == [0, 1, 2, 3]
         assert sorted(e for g in spec["groups"] for e in g) == list(range(8))
+
+
+def test_streamed_alignment_takes_the_solver_workers_and_min_gain(tmp_path):
+    """The align params beyond the method reach each streamed layer as they do in memory."""
+    src = write_checkpoint(tmp_path / "in", "mixtral")
+    probe = load_model(src)
+    adapter = adapter_for(probe)
+    gains = {n: r["gain"] for n, r in align_model(probe, adapter, "weight-matching", "first").items()}
+    threshold = sorted(gains.values())[1]
+    kw = dict(solver="auction", tolerance=1e-6, min_gain=threshold)
+    model = load_model(src)
+    mem = align_model(model, adapter_for(model), "weight-matching", "first", **kw)
+    report = stream_merge(src, tmp_path / "str", None, None, workers=2, **kw)
+    assert {n: e["align"] for n, e in report["layers"].items()} == mem
+    assert sorted(r["aligned"] for r in mem.values()) == [False, True, True]
+    save_model(model, tmp_path / "mem")
+    a, b = weights(tmp_path / "mem"), weights(tmp_path / "str")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
