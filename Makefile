@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan recipe-mrpc align-solvers mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -41,6 +41,15 @@ repro-llm:
 # (meo/params.yaml; about 45 min on 2 CPU cores).
 repro-meo:
 	$(PY) -m dvc repro meo/dvc.yaml
+
+# MRPC from the upcycled all-MiniLM-L6-v2 (recipes/mrpc.yaml): a DVC experiment of the whole
+# pipeline, its metrics copied to metrics/recipes/mrpc/ (about 30 min on 2 cores).
+recipe-mrpc:
+	$(PY) -m scripts.recipe mrpc
+
+# The default pipeline with each assignment solver (align_solvers.yaml); commit code changes first.
+align-solvers:
+	$(PY) -m scripts.ablations --spec align_solvers.yaml
 
 # Every variant of ablations.yaml x seed as `dvc exp run --temp`; commit code changes first.
 # ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.

@@ -42,7 +42,15 @@ from torch import nn
 
 from benchmarks.common import write_results
 from pipeline.align import align_model, weight_features
-from pipeline.assignment import DEFAULT_TOLERANCE, SOLVERS, SolverPool, resolve_workers, solve
+from pipeline.assignment import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_TOLERANCE,
+    SOLVERS,
+    SolverPool,
+    SolverSettings,
+    resolve_workers,
+    solve,
+)
 from pipeline.compression import as_identity_merged, compress_model, finalize_compact, low_rank_sparse_modules
 from pipeline.evaluation import expert_stats, peak_forward_memory
 from pipeline.families import SparseLayer, adapter_for
@@ -297,7 +305,9 @@ class RandomExperts:
         self.layers = [SparseLayer(f"layers.{i}", "decoder", i, nn.Identity()) for i in range(layers)]
         self._experts: list[dict[str, torch.Tensor]] = []
 
-    def make(self, layer: SparseLayer) -> None:
+    def make(self, layer: SparseLayer, count: int | None = None) -> None:
+        """The layer's first ``count`` experts (all by default): a DeepSeek-width layer whole would
+        take 45 GB."""
         _, experts, hidden, width, _ = self.shape
         g = torch.Generator().manual_seed(self.seed * 100_003 + layer.position)
         self._experts = [
@@ -305,7 +315,7 @@ class RandomExperts:
                 k: torch.randn(*((width, hidden) if ax == 0 else (hidden, width)), generator=g)
                 for k, ax in self.neuron_axes.items()
             }
-            for _ in range(experts)
+            for _ in range(experts if count is None else min(count, experts))
         ]
 
     def sparse_layers(self, model) -> list[SparseLayer]:
@@ -327,13 +337,28 @@ def _sync(device: torch.device) -> None:
 
 
 def align_layers_cost(
-    shape: tuple, solvers: list[str], workers: list, tolerance: float, device: torch.device
+    shape: tuple, solvers: list[str], workers: list, settings: SolverSettings, device: torch.device
 ) -> list[dict]:
     """Seconds of ``align_model`` (weight matching) over every layer of ``shape``, per solver and
     worker count (the auction runs on ``device`` in this process: one row), with the summed
     matching objective and its gap to the exact one."""
     adapter = RandomExperts(*shape, seed=0)
     rows = []
+    # The floor every solver shares: building the layers' similarity matrices (no solve).
+    seconds = 0.0
+    for layer in adapter.layers:
+        adapter.make(layer)
+        feats = [weight_features(w, adapter.neuron_axes).to(device) for w in adapter._experts]
+        t0 = time.perf_counter()
+        for f in feats[1:]:
+            sim = feats[0] @ f.T
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        del feats, sim
+    rows.append(
+        {"solver": "similarities only", "workers": 1, "seconds": round(seconds, 3), "objective": None}
+    )
+    print(f"  similarities only : {seconds:9.2f} s", flush=True)
     for solver in solvers:
         for w in workers if solver == "exact" else [1]:
             seconds, objective, gains = 0.0, 0.0, []
@@ -342,7 +367,8 @@ def align_layers_cost(
                     adapter.make(layer)
                     t0 = time.perf_counter()
                     r = align_model(None, adapter, "weight-matching", "first", layers={layer.name},
-                                    solver=solver, tolerance=tolerance, device=device, pool=pool)[layer.name]  # fmt: skip
+                                    solver=solver, tolerance=settings.tolerance, candidates=settings.candidates,
+                                    device=device, pool=pool)[layer.name]  # fmt: skip
                     _sync(device)
                     seconds += time.perf_counter() - t0
                     objective += r["objective_after"]
@@ -352,16 +378,19 @@ def align_layers_cost(
             print(f"  {solver:8s} workers {pool.workers:3d}: {seconds:9.2f} s", flush=True)
     exact = next((r["objective"] for r in rows if r["solver"] == "exact"), None)
     for r in rows:
-        r["relative_gap"] = None if exact is None else (exact - r["objective"]) / abs(exact)
+        known = exact is not None and r["objective"] is not None
+        r["relative_gap"] = (exact - r["objective"]) / abs(exact) if known else None
     return rows
 
 
-def pair_cost(shape: tuple, solvers: list[str], pairs: int, tolerance: float, device: torch.device) -> dict:
+def pair_cost(
+    shape: tuple, solvers: list[str], pairs: int, settings: SolverSettings, device: torch.device
+) -> dict:
     """Per expert pair of ``shape`` (the first ``pairs`` of its first layer): seconds to build the
     similarity on ``device`` and to solve it with each solver, and each solver's gap to the exact
     optimum (where ``exact`` is among ``solvers``)."""
     adapter = RandomExperts(*shape, seed=1)
-    adapter.make(adapter.layers[0])
+    adapter.make(adapter.layers[0], count=min(pairs, shape[1] - 1) + 1)
     ref = weight_features(adapter.expert_weights(adapter.layers[0], 0), adapter.neuron_axes).to(device)
     out: dict = {"pairs": [], "width": shape[3], "pairs_per_layer": shape[1] - 1}
     for e in range(1, min(pairs, shape[1] - 1) + 1):
@@ -374,14 +403,14 @@ def pair_cost(shape: tuple, solvers: list[str], pairs: int, tolerance: float, de
         row = {"expert": e, "similarity_s": round(time.perf_counter() - t0, 3)}
         for solver in solvers:
             t0 = time.perf_counter()
-            found = solve(sim, solver, tolerance)
+            found = solve(sim, solver, settings.tolerance, settings.candidates)
             _sync(device)
             row[solver] = {"seconds": round(time.perf_counter() - t0, 3), "objective": found.objective}
         if "exact" in solvers:
             best = row["exact"]["objective"]
             for solver in solvers:
                 row[solver]["relative_gap"] = (best - row[solver]["objective"]) / abs(best)
-            bound = len(sim) * tolerance * float(sim.max() - sim.min())
+            bound = len(sim) * settings.tolerance * float(sim.max() - sim.min())
             row["auction_bound"] = bound
         out["pairs"].append(row)
         print(f"  pair 0-{e}: " + ", ".join(f"{s} {row[s]['seconds']:.2f} s" for s in solvers), flush=True)
@@ -398,20 +427,24 @@ def alignment_study(args: argparse.Namespace) -> dict:
     exact solver at switch-base-32 size, per worker count)."""
     shapes = QUICK_ALIGN_SHAPES if args.quick else ALIGN_SHAPES
     device = resolve_device(args.device)
-    out = {"device": str(device), "tolerance": args.align_tolerance, "shapes": shapes}
+    settings = SolverSettings(args.align_tolerance, args.align_candidates)
+    out = {
+        "device": str(device),
+        "tolerance": settings.tolerance,
+        "candidates": settings.candidates,
+        "shapes": shapes,
+    }
     print(f"alignment cost on {device} (solvers {', '.join(args.align_solvers)}):", flush=True)
     print(
         f" {shapes['switch-base-32'][0]} layers x {shapes['switch-base-32'][1] - 1} pairs of width {shapes['switch-base-32'][3]}",
         flush=True,
     )
     out["switch-base-32"] = align_layers_cost(
-        shapes["switch-base-32"], args.align_solvers, args.align_workers, args.align_tolerance, device
+        shapes["switch-base-32"], args.align_solvers, args.align_workers, settings, device
     )
     for name in ("mixtral-pair", "deepseek-layer"):
         print(f" {name}: width {shapes[name][3]}", flush=True)
-        out[name] = pair_cost(
-            shapes[name], args.align_solvers, args.align_pairs, args.align_tolerance, device
-        )
+        out[name] = pair_cost(shapes[name], args.align_solvers, args.align_pairs, settings, device)
     return out
 
 
@@ -473,12 +506,18 @@ def main(argv: list[str] | None = None) -> None:
         "--device", default="auto", help="where alignment builds similarities and runs the auction"
     )
     p.add_argument(
-        "--align-solvers", nargs="+", default=["exact", "auction"], help="assignment solvers compared"
+        "--align-solvers",
+        nargs="+",
+        default=["exact", "sparse", "auction"],
+        help="assignment solvers compared",
     )
     p.add_argument(
         "--align-workers", nargs="+", default=["1", "auto"], help="exact-solver process counts (N or auto)"
     )
     p.add_argument("--align-tolerance", type=float, default=DEFAULT_TOLERANCE, help="auction tolerance")
+    p.add_argument(
+        "--align-candidates", type=int, default=DEFAULT_CANDIDATES, help="sparse solver: columns kept per row"
+    )
     p.add_argument("--align-pairs", type=int, default=4, help="expert pairs timed at Mixtral/DeepSeek width")
     p.add_argument("--align-only", action="store_true", help="only the alignment cost study")
     p.add_argument(
@@ -499,8 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         args.align_workers = [w if w == "auto" else int(w) for w in args.align_workers]
         for w in args.align_workers:
             resolve_workers(w)
-        if not 0 < args.align_tolerance < 1 or args.align_pairs < 1:
-            raise ValueError("--align-tolerance must be in (0, 1) and --align-pairs >= 1")
+        if not 0 < args.align_tolerance < 1 or args.align_pairs < 1 or args.align_candidates < 1:
+            raise ValueError("--align-tolerance must be in (0, 1), --align-pairs and --align-candidates >= 1")
         resolve_device(args.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection
 import torch
 from torch import nn
 
-from pipeline.assignment import DEFAULT_TOLERANCE, SOLVERS, SolverPool, solve, solve_many
+from pipeline.assignment import DEFAULT_CANDIDATES, DEFAULT_TOLERANCE, SOLVERS, SolverPool, solve, solve_many
 from pipeline.families import MoEAdapter, SparseLayer
 from pipeline.registry import Registry
 
@@ -61,6 +61,7 @@ def weight_matching_permutation(
     include_wo: bool = True,
     solver: str = "exact",
     tolerance: float = DEFAULT_TOLERANCE,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> torch.Tensor:
     """The permutation P maximising sum_k <W_k^ref, P W_k^other> over all expert matrices k.
 
@@ -71,7 +72,7 @@ def weight_matching_permutation(
     """
     # One float32 matmul: float64 doubles its cost, and the assignment only needs the ordering.
     cost = weight_features(ref, neuron_axes, include_wo) @ weight_features(other, neuron_axes, include_wo).T
-    return solve(cost, solver, tolerance).perm
+    return solve(cost, solver, tolerance, candidates).perm
 
 
 @ALIGNERS.register("weight-matching")
@@ -96,9 +97,10 @@ def activation_matching_permutation(
     other_act: torch.Tensor,
     solver: str = "exact",
     tolerance: float = DEFAULT_TOLERANCE,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> torch.Tensor:
     """The permutation maximising the summed correlation of paired hidden activations ``[T, F]``."""
-    return solve(_standardise(ref_act) @ _standardise(other_act).T, solver, tolerance).perm
+    return solve(_standardise(ref_act) @ _standardise(other_act).T, solver, tolerance, candidates).perm
 
 
 @ALIGNERS.register("activation-matching")
@@ -142,6 +144,7 @@ def align_model(
     *,
     solver: str = "exact",
     tolerance: float = DEFAULT_TOLERANCE,
+    candidates: int = DEFAULT_CANDIDATES,
     workers: int | str | None = 1,
     min_gain: float = 0.0,
     device: torch.device | str | None = None,
@@ -152,8 +155,8 @@ def align_model(
 
     ``reference``: ``first`` (expert 0, as the paper) or ``most-used`` (needs ``frequencies``);
     ``inputs``: per layer, profiled layer inputs (needed by activation matching); ``include_wo``:
-    whether weight matching's cost includes the output projection; ``solver``/``tolerance``: the
-    assignment solver (:mod:`pipeline.assignment`); ``workers``: processes for exact solves (0 or 1:
+    whether weight matching's cost includes the output projection; ``solver``/``tolerance``/
+    ``candidates``: the assignment solver (:mod:`pipeline.assignment`); ``workers``: processes for exact solves (0 or 1:
     this process; ``pool`` reuses a :class:`~pipeline.assignment.SolverPool` instead); ``device``:
     where similarity matrices are built (default: the CPU); ``min_gain``: a layer whose gain (module
     docstring) is below it is left unaligned (0: align every layer).
@@ -189,6 +192,7 @@ def align_model(
                 include_wo,
                 solver,
                 tolerance,
+                candidates,
                 pool,
                 min_gain,
                 device,
@@ -208,6 +212,7 @@ def _align_layer(
     include_wo: bool,
     solver: str,
     tolerance: float,
+    candidates: int,
     pool: SolverPool,
     min_gain: float,
     device: torch.device,
@@ -227,7 +232,7 @@ def _align_layer(
             norms.append(ref_sq + _sq_norm(rows))
             yield ref_rows @ rows.T
 
-    found = list(solve_many(similarities(), solver, tolerance, pool))
+    found = list(solve_many(similarities(), solver, tolerance, pool, candidates))
     before = sum(a.identity_objective for a in found)
     after = sum(a.objective for a in found)
     d_before = sum(norms) - 2 * before

@@ -2,7 +2,11 @@
 maximises the summed matched similarity out.
 
 ``exact`` is scipy's Hungarian-type solver (cubic, CPU, optimal; the authors' behaviour and the
-default). ``auction`` is Bertsekas' auction algorithm with epsilon scaling, written in torch so it
+default). ``sparse`` solves the same problem exactly on a candidate graph: each row's ``candidates``
+most similar columns plus the identity match (scipy's LAPJVsp on a sparse matrix), so its result
+is never below the unaligned objective and equals the optimum whenever every optimal match is a
+candidate (on random 3072- and 6144-wide matrices from 32 candidates on; 8 already came within
+0.15%). ``auction`` is Bertsekas' auction algorithm with epsilon scaling, written in torch so it
 runs where the similarity matrix lives (a GPU): each phase ends with every neuron matched under
 epsilon-complementary slackness (each row's match within ``eps`` of its best net value), which
 bounds the objective to within ``n * eps`` of the optimum. Its final ``eps`` is
@@ -30,15 +34,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from pipeline.registry import Registry
 
-# A solver maps a square similarity matrix (to maximise) and a tolerance to a permutation:
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the approximate solvers are told: the auction's ``tolerance`` (share of the similarity
+    range per neuron) and the sparse solver's ``candidates`` (columns kept per row)."""
+
+    tolerance: float = 1e-4
+    candidates: int = 32
+
+
+# A solver maps a square similarity matrix (to maximise) and its settings to a permutation:
 # ``perm[i]`` is the column matched to row i.
-Solver = Callable[[torch.Tensor, float], torch.Tensor]
+Solver = Callable[[torch.Tensor, SolverSettings], torch.Tensor]
 SOLVERS: Registry[Solver] = Registry("assignment solver")
 
-DEFAULT_TOLERANCE = 1e-4
+DEFAULT_TOLERANCE = SolverSettings.tolerance
+DEFAULT_CANDIDATES = SolverSettings.candidates
 MIN_TOLERANCE = 1e-9
 # Matrices narrower than this are solved in the calling process: starting the workers costs seconds
 # (each imports torch), a scipy solve of a 1024 x 1024 matrix about 50 ms.
@@ -73,9 +90,44 @@ def _lsa(cost: np.ndarray) -> np.ndarray:
 
 
 @SOLVERS.register("exact")
-def exact_assignment(sim: torch.Tensor, tolerance: float = DEFAULT_TOLERANCE) -> torch.Tensor:
+def exact_assignment(sim: torch.Tensor, settings: SolverSettings = SolverSettings()) -> torch.Tensor:
     """The optimal permutation (scipy ``linear_sum_assignment`` on the CPU, in ``sim``'s dtype)."""
     return torch.as_tensor(_lsa(sim.cpu().numpy()), dtype=torch.long)
+
+
+@SOLVERS.register("sparse")
+def sparse_assignment(sim: torch.Tensor, settings: SolverSettings = SolverSettings()) -> torch.Tensor:
+    """The optimal permutation among each row's ``settings.candidates`` most similar columns and the
+    identity match (the candidates chosen on ``sim``'s device, the matching by scipy on the CPU)."""
+    n = sim.shape[0]
+    if sim.shape != (n, n):
+        raise ValueError(f"the sparse solver takes a square matrix, got {tuple(sim.shape)}")
+    if settings.candidates < 1:
+        raise ValueError(f"sparse solver candidates={settings.candidates} must be >= 1")
+    if n < 2:
+        return torch.arange(n)
+    k = min(settings.candidates, n)
+    top = sim.topk(k, dim=1)
+    # The identity edges make a full matching always exist (and the result never worse than
+    # leaving the expert unaligned); np.unique drops the ones already among the candidates.
+    keys = np.concatenate(
+        [
+            (np.arange(n, dtype=np.int64)[:, None] * n + top.indices.cpu().numpy()).ravel(),
+            np.arange(n, dtype=np.int64) * (n + 1),
+        ]
+    )
+    values = np.concatenate(
+        [top.values.double().cpu().numpy().ravel(), sim.diagonal().double().cpu().numpy()]
+    )
+    keys, first = np.unique(keys, return_index=True)
+    values = values[first]
+    rows, cols = np.divmod(keys, n)
+    # A minimising matcher on strictly positive weights (a sparse matrix drops explicit zeros).
+    cost = csr_matrix((values.max() - values + 1.0, (rows, cols)), shape=(n, n))
+    matched_rows, matched_cols = min_weight_full_bipartite_matching(cost)
+    perm = np.empty(n, dtype=np.int64)
+    perm[matched_rows] = matched_cols
+    return torch.as_tensor(perm)
 
 
 def _top2(values: torch.Tensor, prices: torch.Tensor, rows: torch.Tensor):
@@ -104,9 +156,10 @@ def _loose_rows(values: torch.Tensor, prices: torch.Tensor, col_of: torch.Tensor
 
 
 @SOLVERS.register("auction")
-def auction_assignment(sim: torch.Tensor, tolerance: float = DEFAULT_TOLERANCE) -> torch.Tensor:
+def auction_assignment(sim: torch.Tensor, settings: SolverSettings = SolverSettings()) -> torch.Tensor:
     """Bertsekas' auction with epsilon scaling, all unmatched rows bidding at once (Jacobi), on
     ``sim``'s device in float64; objective within ``n * tolerance * (max(sim) - min(sim))`` of optimal."""
+    tolerance = settings.tolerance
     n = sim.shape[0]
     if sim.shape != (n, n):
         raise ValueError(f"the auction solver takes a square matrix, got {tuple(sim.shape)}")
@@ -169,19 +222,29 @@ def _auction(values: torch.Tensor, eps_final: float, eps: float) -> torch.Tensor
     return col_of.cpu()
 
 
-def solve(sim: torch.Tensor, solver: str = "exact", tolerance: float = DEFAULT_TOLERANCE) -> Assignment:
+def solve(
+    sim: torch.Tensor,
+    solver: str = "exact",
+    tolerance: float = DEFAULT_TOLERANCE,
+    candidates: int = DEFAULT_CANDIDATES,
+) -> Assignment:
     """The permutation maximising sum_i sim[i, perm[i]] by the registered ``solver``, with objectives."""
-    perm = SOLVERS.get(solver)(sim, tolerance)
+    perm = SOLVERS.get(solver)(sim, SolverSettings(tolerance, candidates))
     return Assignment(perm, matched_sum(sim, perm), float(sim.diagonal().double().sum()))
 
 
-def gap_to_optimum(sim: torch.Tensor, solver: str, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+def gap_to_optimum(
+    sim: torch.Tensor, solver: str, tolerance: float = DEFAULT_TOLERANCE, candidates: int = DEFAULT_CANDIDATES
+) -> dict:
     """How far ``solver``'s objective is from the exact optimum (where an exact solve is affordable):
     the optimum, the objective, their gap (>= 0 up to rounding), the gap relative to |optimum| and
-    the bound the solver guarantees (auction: ``n * tolerance * (max(sim) - min(sim))``)."""
+    the bound the solver guarantees (auction: ``n * tolerance * (max(sim) - min(sim))``; None for
+    ``sparse``)."""
     optimum = solve(sim, "exact").objective
-    found = solve(sim, solver, tolerance).objective
-    bound = 0.0 if solver == "exact" else len(sim) * tolerance * float(sim.max() - sim.min())
+    found = solve(sim, solver, tolerance, candidates).objective
+    # The sparse solver guarantees only the identity's objective: no bound on the gap.
+    bounds = {"exact": 0.0, "auction": len(sim) * tolerance * float(sim.max() - sim.min())}
+    bound = bounds.get(solver)
     return {
         "optimum": optimum,
         "objective": found,
@@ -243,13 +306,14 @@ def solve_many(
     solver: str = "exact",
     tolerance: float = DEFAULT_TOLERANCE,
     pool: SolverPool | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> Iterator[Assignment]:
     """:func:`solve` each matrix of ``sims`` (consumed lazily), in order. Exact solves go to ``pool``
     when given, at most one pending matrix per worker; other solvers run here, on each matrix's device."""
     SOLVERS.get(solver)
     if solver != "exact" or pool is None or pool.workers <= 1:
         for sim in sims:
-            yield solve(sim, solver, tolerance)
+            yield solve(sim, solver, tolerance, candidates)
         return
     pending: deque[tuple[torch.Tensor, Future]] = deque()
 

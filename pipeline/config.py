@@ -22,6 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+# Classification tasks a model built from config (random init) was measured not to learn at this
+# project's scale, with what was seen. Each has a recipe that does learn it (recipes/<task>.yaml,
+# README "A recipe per task"); params validation refuses the from-config combination.
+NOT_LEARNED_FROM_SCRATCH = {
+    "mrpc": "a model built from model.config does not learn it from 3,668 training pairs (the default "
+    "Switch ended every epoch at 68.38% dev: always 'equivalent', the majority class)",
+}
+
 
 class ParamsError(ValueError):
     """params.yaml is unreadable, has unknown keys, wrong types or contradictory values."""
@@ -403,11 +411,13 @@ class AlignParams(_Section):
     # Weight matching's cost includes the output projection (wo / down_proj), as the authors'
     # calls do (include_wo=True); false matches on the input projections alone.
     include_wo: bool = True
-    # The assignment solver (pipeline.assignment): exact (scipy, optimal; the authors') | auction
+    # The assignment solver (pipeline.assignment): exact (scipy, optimal; the authors') | sparse
+    # (exact on each neuron's solver_candidates most similar partners plus its own index) | auction
     # (torch, on runtime.device; objective within n * solver_tolerance * (max - min similarity) of
     # the optimum for n neurons).
     solver: str = "exact"
     solver_tolerance: float = Field(1e-4, ge=1e-9, lt=1)
+    solver_candidates: int = Field(32, ge=1)
     # Processes solving expert pairs with the exact solver: 0 or 1 in the stage's process, N, or
     # auto (every usable core). The permutations do not depend on it.
     workers: int | Literal["auto"] = "auto"
@@ -656,6 +666,16 @@ class Params(_Section):
     checkpoints: CheckpointParams = CheckpointParams()
     mlflow: MlflowParams = MlflowParams()
 
+    def _check_learnable(self) -> None:
+        """Refuse a task that a model built from config was measured not to learn (pipeline.data)."""
+        failed = NOT_LEARNED_FROM_SCRATCH.get(self.data.task)
+        scratch = self.model.config is not None and self.upcycle is None and not self.zero_shot
+        if failed and scratch:
+            raise ValueError(
+                f"data.task={self.data.task}: {failed}; start from a pretrained encoder with the "
+                f"overrides in recipes/{self.data.task}.yaml (python -m scripts.recipe {self.data.task})"
+            )
+
     @model_validator(mode="after")
     def _consistent(self) -> Params:
         from pipeline.data import LM_TASKS
@@ -689,6 +709,7 @@ class Params(_Section):
                 f"model.upcycle_from makes a causal LM; data.task={self.data.task} is a classification "
                 f"task (upcycled decoders train on {', '.join(LM_TASKS)})"
             )
+        self._check_learnable()
         if self.upcycle is not None:
             self._check_upcycle(causal)
         if self.variants:

@@ -41,7 +41,7 @@ import yaml
 from torch import nn
 
 from pipeline.align import ALIGNERS, align_model
-from pipeline.assignment import DEFAULT_TOLERANCE, SOLVERS, SolverPool
+from pipeline.assignment import DEFAULT_CANDIDATES, DEFAULT_TOLERANCE, SOLVERS, SolverPool
 from pipeline.compression import SCOPES, as_identity_merged
 from pipeline.data import read_json
 from pipeline.families import ModelStructureError, MoEAdapter, adapter_for, set_submodule
@@ -385,6 +385,7 @@ def stream_merge(
     include_wo: bool = True,
     solver: str = "exact",
     tolerance: float = DEFAULT_TOLERANCE,
+    candidates: int = DEFAULT_CANDIDATES,
     workers: int | str | None = 1,
     min_gain: float = 0.0,
     device: torch.device | str | None = None,
@@ -398,8 +399,8 @@ def stream_merge(
     extra: dict | Callable[[dict], dict] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Align (``align``, ``reference``, ``include_wo``, ``solver``, ``tolerance``, ``workers``,
-    ``min_gain``: align params; ``device``: where similarities are built), merge (``groups``: the group
+    """Align (``align``, ``reference``, ``include_wo``, ``solver``, ``tolerance``, ``candidates``,
+    ``workers``, ``min_gain``: align params; ``device``: where similarities are built), merge (``groups``: the group
     stage's JSON or its dict, None for no merge; ``strategy``, ``repair``, ``router``: merge params)
     and compress (``rank``: None for no compression; ``scope``) the checkpoint folder ``model``
     layer by layer into the folder ``out``, as the align, merge and compress stages would in memory.
@@ -514,6 +515,7 @@ def stream_merge(
                 include_wo=include_wo,
                 solver=solver,
                 tolerance=tolerance,
+                candidates=candidates,
                 min_gain=min_gain,
                 device=device,
                 pool=pool,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from pipeline import baselines
@@ -64,13 +66,16 @@ def _cli() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _override_value(value) -> str:
+def override_value(value) -> str:
     """``value`` as `dvc exp run -S` parses it (Hydra's override grammar): JSON for scalars and
-    lists, but a mapping's keys go bare (``{a:1}``), as Hydra reads no quoted key."""
+    lists, but a mapping's keys go bare (``{a:1}``), as Hydra reads no quoted key, and a float is
+    written positionally (the grammar reads ``5e-05`` as a string, ``0.00005`` as a float)."""
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, float) and math.isfinite(value):
+        return np.format_float_positional(value, trim="0")
     return json.dumps(value)
 
 
@@ -81,7 +86,7 @@ def _run(cmd: list[str], env: dict[str, str], log) -> subprocess.CompletedProces
     return res
 
 
-def _exp_ref(name: str) -> str | None:
+def exp_ref(name: str) -> str | None:
     """The git ref DVC stored experiment ``name`` under, for the current baseline commit."""
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -106,7 +111,7 @@ def _metrics(ref: str, folder: str) -> dict[str, dict]:
     return {stage: m for stage, m in found.items() if m is not None}
 
 
-def _env() -> dict[str, str]:
+def dvc_env() -> dict[str, str]:
     env = dict(os.environ)
     # The stages anchor the data folder and the MLflow store at the repository ($DVC_ROOT), not
     # at the temporary copy each experiment runs in.
@@ -209,7 +214,7 @@ def main() -> None:
         and r["variant"] in names
         and r["overrides"] == spec.overrides(spec.variant(r["variant"]), r["seed"])
     ]
-    env = _env()
+    env = dvc_env()
     log_path = out.with_suffix(".log")
     todo = [
         (s, v)
@@ -229,15 +234,15 @@ def main() -> None:
             # `-S file:key=value` for any params file but DVC's default one.
             where = "" if params_path == "params.yaml" else f"{params_path}:"
             for key, value in overrides.items():
-                cmd += ["-S", f"{where}{key}={_override_value(value)}"]
+                cmd += ["-S", f"{where}{key}={override_value(value)}"]
             if args.dry_run:
                 print(" ".join(cmd))
                 continue
-            if _exp_ref(name):
+            if exp_ref(name):
                 _run([sys.executable, "-m", "dvc", "exp", "remove", name], env, log)
             start = time.time()
             res = _run(cmd, env, log)
-            ref = _exp_ref(name) if res.returncode == 0 else None
+            ref = exp_ref(name) if res.returncode == 0 else None
             if ref is None:
                 sys.exit(f"error: experiment {name} failed (exit {res.returncode}); see {log_path}")
             metrics = _metrics(ref, spec.metrics_dir)

@@ -107,13 +107,19 @@ CASES: list[Case] = [
         "unknown assignment solver",
         prepare.main,
         set_params(align__solver="hungarian"),
-        ("align.solver: unknown assignment solver 'hungarian'; valid choices: auction, exact",),
+        ("align.solver: unknown assignment solver 'hungarian'; valid choices: auction, exact, sparse",),
     ),
     Case(
         "solver tolerance of zero",
         prepare.main,
         set_params(align__solver_tolerance=0),
         ("align.solver_tolerance: Input should be greater than or equal to 0.000000001",),
+    ),
+    Case(
+        "sparse solver without candidates",
+        prepare.main,
+        set_params(align__solver="sparse", align__solver_candidates=0),
+        ("align.solver_candidates: Input should be greater than or equal to 1",),
     ),
     Case(
         "negative alignment worker count",

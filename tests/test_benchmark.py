@@ -42,7 +42,9 @@ def test_quick_alignment_study_times_every_solver_and_width(tmp_path, capsys):
          + ["--out", str(out)])  # fmt: skip
     study = json.loads(out.read_text())["alignment"]
     rows = {(r["solver"], r["workers"]): r for r in study["switch-base-32"]}
-    assert set(rows) == {("exact", 1), ("exact", 2), ("auction", 1)}
+    assert set(rows) == {("similarities only", 1), ("exact", 1), ("exact", 2), ("sparse", 1), ("auction", 1)}
+    assert rows[("similarities only", 1)]["objective"] is None
+    assert rows[("sparse", 1)]["relative_gap"] >= -1e-12
     # Worker processes change the time, not the matching.
     assert rows[("exact", 1)]["objective"] == rows[("exact", 2)]["objective"]
     assert rows[("exact", 2)]["relative_gap"] == 0.0 and rows[("auction", 1)]["relative_gap"] >= -1e-12
@@ -52,12 +54,15 @@ def test_quick_alignment_study_times_every_solver_and_width(tmp_path, capsys):
         for pair in c["pairs"]:
             gap = pair["exact"]["objective"] - pair["auction"]["objective"]
             assert -1e-9 <= gap <= pair["auction_bound"] + 1e-9
+            assert pair["sparse"]["relative_gap"] >= -1e-12
         assert c["auction_layer_s_estimate"] >= 0
     assert "alignment on cpu" in capsys.readouterr().out
 
 
 def test_benchmark_rejects_an_unknown_solver(tmp_path):
-    with pytest.raises(SystemExit, match="unknown assignment solver 'greedy'; valid choices: auction, exact"):
+    with pytest.raises(
+        SystemExit, match="unknown assignment solver 'greedy'; valid choices: auction, exact, sparse"
+    ):
         main(["--quick", "--align-only", "--align-solvers", "greedy", "--out", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
 
