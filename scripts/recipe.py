@@ -65,24 +65,31 @@ def load_recipe(task: str, params_file: Path) -> tuple[dict, dict]:
     return base, recipe
 
 
+def pipeline_metrics(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
+    """The JSON files the pipeline's stages write under metrics/ (their ``metrics`` and uncached
+    ``outs``, e.g. evaluate's per-example predictions)."""
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    files = []
+    for stage in stages.values():
+        for entry in stage.get("metrics", []) + stage.get("outs", []):
+            files += list(entry) if isinstance(entry, dict) else [entry]
+    return [f for f in files if f.startswith("metrics/") and f.endswith(".json")]
+
+
 def copy_metrics(name: str, dest: Path) -> list[str]:
-    """The experiment's ``metrics/*.json`` (its git-tracked metrics) into ``dest``."""
+    """The pipeline's metrics files as the experiment ``name`` committed them, into ``dest``."""
     ref = exp_ref(name)
     if ref is None:
         raise RuntimeError(f"experiment {name} not found under refs/exps for this commit")
-    files = subprocess.run(
-        ["git", "ls-tree", "--name-only", ref, "metrics/"], capture_output=True, text=True, check=True
-    ).stdout.split()
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
-    for f in files:
-        if f.endswith(".json"):
-            text = subprocess.run(
-                ["git", "show", f"{ref}:{f}"], capture_output=True, text=True, check=True
-            ).stdout
-            json.loads(text)  # whole files only
-            (dest / Path(f).name).write_text(text)
-            copied.append(Path(f).name)
+    for f in pipeline_metrics():
+        text = subprocess.run(
+            ["git", "show", f"{ref}:{f}"], capture_output=True, text=True, check=True
+        ).stdout
+        json.loads(text)  # whole files only
+        (dest / Path(f).name).write_text(text)
+        copied.append(Path(f).name)
     return copied
 
 

@@ -78,3 +78,11 @@ def test_an_invalid_recipe_is_refused_before_running(tmp_path, monkeypatch):
         recipe_cli.main(["mrpc"])
     assert str(err.value).startswith("error: recipes/mrpc.yaml: ")
     assert "finetune.lr" in str(err.value)
+
+
+def test_copied_metrics_are_the_pipelines_own(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    files = recipe_cli.pipeline_metrics()
+    assert "metrics/evaluate.json" in files and "metrics/predictions.json" in files
+    assert "metrics/finetune.json" in files and all(f.startswith("metrics/") for f in files)
+    assert not any("benchmark" in f or "ablations" in f for f in files)
