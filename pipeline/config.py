@@ -667,7 +667,7 @@ class Params(_Section):
     mlflow: MlflowParams = MlflowParams()
 
     def _check_learnable(self) -> None:
-        """Refuse a task that a model built from config was measured not to learn (pipeline.data)."""
+        """Refuse a task that a model built from config was measured not to learn (NOT_LEARNED_FROM_SCRATCH)."""
         failed = NOT_LEARNED_FROM_SCRATCH.get(self.data.task)
         scratch = self.model.config is not None and self.upcycle is None and not self.zero_shot
         if failed and scratch:
