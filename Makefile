@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan recipe-mrpc align-solvers mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan recipe-mrpc align-solvers zero-shot-scale mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -33,7 +33,7 @@ format:
 repro:
 	$(PY) -m dvc repro
 
-# The decoder default: a small Mixtral-family SMoE, WikiText-2 LM + zero-shot (llm/params.yaml).
+# The decoder default: SmolLM2-135M upcycled into a Qwen2-MoE, WikiText-2 LM + zero-shot COPA (llm/params.yaml).
 repro-llm:
 	$(PY) -m dvc repro llm/dvc.yaml
 
@@ -50,6 +50,12 @@ recipe-mrpc:
 # The default pipeline with each assignment solver (align_solvers.yaml); commit code changes first.
 align-solvers:
 	$(PY) -m scripts.ablations --spec align_solvers.yaml
+
+# The dense SmolLM2 and the decoder default's `full` on the whole split of every zero-shot task
+# against its majority answer: what params' refusal of WinoGrande, OpenBookQA and MRPC for the
+# upcycled SmolLM2 rests on (metrics/llm/zero_shot_scale.json; about 4 min).
+zero-shot-scale: repro-llm
+	$(PY) -m scripts.zero_shot_scale --check --readme README.md $(ARGS)
 
 # Every variant of ablations.yaml x seed as `dvc exp run --temp`; commit code changes first.
 # ARGS passes options through, e.g. `make ablations ARGS=--rerun` after the default model changed.

@@ -79,6 +79,7 @@ from benchmarks.common import write_results
 from benchmarks.switch_base_32 import QUICK, SWITCH_BASE_32, build, random_rows
 from pipeline.ablations import apply_overrides, load_spec
 from pipeline.align import align_model
+from pipeline.assignment import SolverSettings
 from pipeline.config import Params, ParamsError, parse_params
 from pipeline.evaluation import model_memory_bytes
 from pipeline.families import MoEAdapter, SparseLayer, adapter_for
@@ -351,7 +352,7 @@ def calibrate(
                 {n: prof.inputs for n, prof in profiles.items() if prof.inputs is not None},
                 include_wo=p.align.include_wo,
                 solver=p.align.solver,
-                tolerance=p.align.solver_tolerance,
+                settings=SolverSettings(p.align.solver_tolerance, p.align.solver_candidates),
                 workers=p.align.workers,
                 min_gain=p.align.min_gain,
             )

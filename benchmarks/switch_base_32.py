@@ -48,6 +48,7 @@ from pipeline.assignment import (
     SOLVERS,
     SolverPool,
     SolverSettings,
+    guaranteed_gap,
     resolve_workers,
     solve,
 )
@@ -367,7 +368,7 @@ def align_layers_cost(
                     adapter.make(layer)
                     t0 = time.perf_counter()
                     r = align_model(None, adapter, "weight-matching", "first", layers={layer.name},
-                                    solver=solver, tolerance=settings.tolerance, candidates=settings.candidates,
+                                    solver=solver, settings=settings,
                                     device=device, pool=pool)[layer.name]  # fmt: skip
                     _sync(device)
                     seconds += time.perf_counter() - t0
@@ -403,14 +404,14 @@ def pair_cost(
         row = {"expert": e, "similarity_s": round(time.perf_counter() - t0, 3)}
         for solver in solvers:
             t0 = time.perf_counter()
-            found = solve(sim, solver, settings.tolerance, settings.candidates)
+            found = solve(sim, solver, settings)
             _sync(device)
             row[solver] = {"seconds": round(time.perf_counter() - t0, 3), "objective": found.objective}
         if "exact" in solvers:
             best = row["exact"]["objective"]
             for solver in solvers:
                 row[solver]["relative_gap"] = (best - row[solver]["objective"]) / abs(best)
-            bound = len(sim) * settings.tolerance * float(sim.max() - sim.min())
+            bound = guaranteed_gap(sim, "auction", settings)
             row["auction_bound"] = bound
         out["pairs"].append(row)
         print(f"  pair 0-{e}: " + ", ".join(f"{s} {row[s]['seconds']:.2f} s" for s in solvers), flush=True)

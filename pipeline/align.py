@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection
 import torch
 from torch import nn
 
-from pipeline.assignment import DEFAULT_CANDIDATES, DEFAULT_TOLERANCE, SOLVERS, SolverPool, solve, solve_many
+from pipeline.assignment import DEFAULT_SETTINGS, SOLVERS, SolverPool, SolverSettings, solve, solve_many
 from pipeline.families import MoEAdapter, SparseLayer
 from pipeline.registry import Registry
 
@@ -60,8 +60,7 @@ def weight_matching_permutation(
     neuron_axes: dict[str, int],
     include_wo: bool = True,
     solver: str = "exact",
-    tolerance: float = DEFAULT_TOLERANCE,
-    candidates: int = DEFAULT_CANDIDATES,
+    settings: SolverSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """The permutation P maximising sum_k <W_k^ref, P W_k^other> over all expert matrices k.
 
@@ -72,7 +71,7 @@ def weight_matching_permutation(
     """
     # One float32 matmul: float64 doubles its cost, and the assignment only needs the ordering.
     cost = weight_features(ref, neuron_axes, include_wo) @ weight_features(other, neuron_axes, include_wo).T
-    return solve(cost, solver, tolerance, candidates).perm
+    return solve(cost, solver, settings).perm
 
 
 @ALIGNERS.register("weight-matching")
@@ -96,11 +95,10 @@ def activation_matching_permutation(
     ref_act: torch.Tensor,
     other_act: torch.Tensor,
     solver: str = "exact",
-    tolerance: float = DEFAULT_TOLERANCE,
-    candidates: int = DEFAULT_CANDIDATES,
+    settings: SolverSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """The permutation maximising the summed correlation of paired hidden activations ``[T, F]``."""
-    return solve(_standardise(ref_act) @ _standardise(other_act).T, solver, tolerance, candidates).perm
+    return solve(_standardise(ref_act) @ _standardise(other_act).T, solver, settings).perm
 
 
 @ALIGNERS.register("activation-matching")
@@ -143,8 +141,7 @@ def align_model(
     include_wo: bool = True,
     *,
     solver: str = "exact",
-    tolerance: float = DEFAULT_TOLERANCE,
-    candidates: int = DEFAULT_CANDIDATES,
+    settings: SolverSettings = DEFAULT_SETTINGS,
     workers: int | str | None = 1,
     min_gain: float = 0.0,
     device: torch.device | str | None = None,
@@ -155,8 +152,8 @@ def align_model(
 
     ``reference``: ``first`` (expert 0, as the paper) or ``most-used`` (needs ``frequencies``);
     ``inputs``: per layer, profiled layer inputs (needed by activation matching); ``include_wo``:
-    whether weight matching's cost includes the output projection; ``solver``/``tolerance``/
-    ``candidates``: the assignment solver (:mod:`pipeline.assignment`); ``workers``: processes for exact solves (0 or 1:
+    whether weight matching's cost includes the output projection; ``solver``/``settings``:
+    the assignment solver and its settings (:mod:`pipeline.assignment`); ``workers``: processes for exact solves (0 or 1:
     this process; ``pool`` reuses a :class:`~pipeline.assignment.SolverPool` instead); ``device``:
     where similarity matrices are built (default: the CPU); ``min_gain``: a layer whose gain (module
     docstring) is below it is left unaligned (0: align every layer).
@@ -191,8 +188,7 @@ def align_model(
                 layer_inputs,
                 include_wo,
                 solver,
-                tolerance,
-                candidates,
+                settings,
                 pool,
                 min_gain,
                 device,
@@ -211,8 +207,7 @@ def _align_layer(
     inputs: torch.Tensor | None,
     include_wo: bool,
     solver: str,
-    tolerance: float,
-    candidates: int,
+    settings: SolverSettings,
     pool: SolverPool,
     min_gain: float,
     device: torch.device,
@@ -232,7 +227,7 @@ def _align_layer(
             norms.append(ref_sq + _sq_norm(rows))
             yield ref_rows @ rows.T
 
-    found = list(solve_many(similarities(), solver, tolerance, pool, candidates))
+    found = list(solve_many(similarities(), solver, settings, pool))
     before = sum(a.identity_objective for a in found)
     after = sum(a.objective for a in found)
     d_before = sum(norms) - 2 * before

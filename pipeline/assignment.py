@@ -56,6 +56,7 @@ SOLVERS: Registry[Solver] = Registry("assignment solver")
 
 DEFAULT_TOLERANCE = SolverSettings.tolerance
 DEFAULT_CANDIDATES = SolverSettings.candidates
+DEFAULT_SETTINGS = SolverSettings()
 MIN_TOLERANCE = 1e-9
 # Matrices narrower than this are solved in the calling process: starting the workers costs seconds
 # (each imports torch), a scipy solve of a 1024 x 1024 matrix about 50 ms.
@@ -223,28 +224,34 @@ def _auction(values: torch.Tensor, eps_final: float, eps: float) -> torch.Tensor
 
 
 def solve(
-    sim: torch.Tensor,
-    solver: str = "exact",
-    tolerance: float = DEFAULT_TOLERANCE,
-    candidates: int = DEFAULT_CANDIDATES,
+    sim: torch.Tensor, solver: str = "exact", settings: SolverSettings = DEFAULT_SETTINGS
 ) -> Assignment:
     """The permutation maximising sum_i sim[i, perm[i]] by the registered ``solver``, with objectives."""
-    perm = SOLVERS.get(solver)(sim, SolverSettings(tolerance, candidates))
+    perm = SOLVERS.get(solver)(sim, settings)
     return Assignment(perm, matched_sum(sim, perm), float(sim.diagonal().double().sum()))
 
 
-def gap_to_optimum(
-    sim: torch.Tensor, solver: str, tolerance: float = DEFAULT_TOLERANCE, candidates: int = DEFAULT_CANDIDATES
-) -> dict:
+def guaranteed_gap(
+    sim: torch.Tensor, solver: str, settings: SolverSettings = DEFAULT_SETTINGS
+) -> float | None:
+    """The most ``solver``'s objective on ``sim`` can fall short of the optimum: 0 for ``exact``,
+    ``n * tolerance * (max(sim) - min(sim))`` for ``auction``, None for ``sparse`` (it guarantees
+    only the identity's objective)."""
+    SOLVERS.get(solver)
+    if solver == "exact":
+        return 0.0
+    if solver == "auction":
+        return len(sim) * settings.tolerance * float(sim.max() - sim.min())
+    return None
+
+
+def gap_to_optimum(sim: torch.Tensor, solver: str, settings: SolverSettings = DEFAULT_SETTINGS) -> dict:
     """How far ``solver``'s objective is from the exact optimum (where an exact solve is affordable):
     the optimum, the objective, their gap (>= 0 up to rounding), the gap relative to |optimum| and
-    the bound the solver guarantees (auction: ``n * tolerance * (max(sim) - min(sim))``; None for
-    ``sparse``)."""
+    the bound the solver guarantees (:func:`guaranteed_gap`)."""
     optimum = solve(sim, "exact").objective
-    found = solve(sim, solver, tolerance, candidates).objective
-    # The sparse solver guarantees only the identity's objective: no bound on the gap.
-    bounds = {"exact": 0.0, "auction": len(sim) * tolerance * float(sim.max() - sim.min())}
-    bound = bounds.get(solver)
+    found = solve(sim, solver, settings).objective
+    bound = guaranteed_gap(sim, solver, settings)
     return {
         "optimum": optimum,
         "objective": found,
@@ -304,16 +311,15 @@ class SolverPool:
 def solve_many(
     sims: Iterable[torch.Tensor],
     solver: str = "exact",
-    tolerance: float = DEFAULT_TOLERANCE,
+    settings: SolverSettings = DEFAULT_SETTINGS,
     pool: SolverPool | None = None,
-    candidates: int = DEFAULT_CANDIDATES,
 ) -> Iterator[Assignment]:
     """:func:`solve` each matrix of ``sims`` (consumed lazily), in order. Exact solves go to ``pool``
     when given, at most one pending matrix per worker; other solvers run here, on each matrix's device."""
     SOLVERS.get(solver)
     if solver != "exact" or pool is None or pool.workers <= 1:
         for sim in sims:
-            yield solve(sim, solver, tolerance, candidates)
+            yield solve(sim, solver, settings)
         return
     pending: deque[tuple[torch.Tensor, Future]] = deque()
 

@@ -192,7 +192,7 @@ def harness_zero_shot(
 ) -> dict[str, dict]:
     """Accuracy (and acc_norm where the task defines it) per task, each example's log-likelihood of
     every choice, the (context, continuation) strings lm-eval scored, whether the example was
-    answered right, and the lm-eval version that scored them.
+    answered right (``hits``; ``hits_norm`` by acc_norm), and the lm-eval version that scored them.
 
     ``limit`` takes the first examples of each split in file order (lm-eval's convention);
     ``indices`` instead names the examples of each task to score, in the order they are reported
@@ -278,6 +278,8 @@ def harness_zero_shot(
             "loglikelihoods": lls,
             "requests": [[tuple(a) for a in s["arguments"]] for s in samples],
             "hits": [bool(s["acc"]) for s in samples],
+            # acc_norm's per-example hits, where the task defines it (OpenBookQA of these four).
+            **({"hits_norm": [bool(s["acc_norm"]) for s in samples]} if "acc_norm,none" in metrics else {}),
             "lm_eval_version": version,
         }
     return out

@@ -41,7 +41,7 @@ import yaml
 from torch import nn
 
 from pipeline.align import ALIGNERS, align_model
-from pipeline.assignment import DEFAULT_CANDIDATES, DEFAULT_TOLERANCE, SOLVERS, SolverPool
+from pipeline.assignment import DEFAULT_SETTINGS, SOLVERS, SolverPool, SolverSettings
 from pipeline.compression import SCOPES, as_identity_merged
 from pipeline.data import read_json
 from pipeline.families import ModelStructureError, MoEAdapter, adapter_for, set_submodule
@@ -384,8 +384,7 @@ def stream_merge(
     reference: str = "first",
     include_wo: bool = True,
     solver: str = "exact",
-    tolerance: float = DEFAULT_TOLERANCE,
-    candidates: int = DEFAULT_CANDIDATES,
+    settings: SolverSettings = DEFAULT_SETTINGS,
     workers: int | str | None = 1,
     min_gain: float = 0.0,
     device: torch.device | str | None = None,
@@ -399,7 +398,7 @@ def stream_merge(
     extra: dict | Callable[[dict], dict] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Align (``align``, ``reference``, ``include_wo``, ``solver``, ``tolerance``, ``candidates``,
+    """Align (``align``, ``reference``, ``include_wo``, ``solver``, ``settings``,
     ``workers``, ``min_gain``: align params; ``device``: where similarities are built), merge (``groups``: the group
     stage's JSON or its dict, None for no merge; ``strategy``, ``repair``, ``router``: merge params)
     and compress (``rank``: None for no compression; ``scope``) the checkpoint folder ``model``
@@ -514,8 +513,7 @@ def stream_merge(
                 layers={name},
                 include_wo=include_wo,
                 solver=solver,
-                tolerance=tolerance,
-                candidates=candidates,
+                settings=settings,
                 min_gain=min_gain,
                 device=device,
                 pool=pool,

@@ -100,10 +100,15 @@ def exp_ref(name: str) -> str | None:
     return next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
 
 
-def _show_json(ref: str, path: str) -> dict | None:
-    """The JSON file ``path`` as committed in ``ref``; None where the ref has no such file."""
+def show_committed(ref: str, path: str) -> str | None:
+    """The text of ``path`` as committed in ``ref``; None where the ref has no such file."""
     res = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
-    return json.loads(res.stdout) if res.returncode == 0 else None
+    return res.stdout if res.returncode == 0 else None
+
+
+def _show_json(ref: str, path: str) -> dict | None:
+    text = show_committed(ref, path)
+    return json.loads(text) if text is not None else None
 
 
 def _metrics(ref: str, folder: str) -> dict[str, dict]:

