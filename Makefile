@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan recipe-mrpc align-solvers zero-shot-scale mlflow-ui mlflow-sync clean
+.PHONY: setup test test-fast lint format repro repro-llm repro-meo ablations baselines families benchmark benchmark-align benchmark-meo benchmark-calibration benchmark-offload benchmark-streamed memory-plan recipe-mrpc meo-mrpc align-solvers zero-shot-scale mlflow-ui mlflow-sync clean
 
 setup:
 	python3 -m venv .venv
@@ -46,6 +46,20 @@ repro-meo:
 # pipeline, its metrics copied to metrics/recipes/mrpc/ (about 30 min on 2 cores).
 recipe-mrpc:
 	$(PY) -m scripts.recipe mrpc
+
+# The MEO comparison on MRPC with the MRPC recipe's training (all pairs, 3 epochs at 5e-5), one seed
+# of dense, moe, meo-token and the whole-FFN meo-token (about 41 min on 2 cores); the experiment's
+# compare.json is copied to metrics/meo/mrpc_recipe_compare.json. Commit code changes first.
+MEO_P := meo/params.yaml
+MEO_MRPC_DROP := dense-s2 dense-s3 moe-k2-s2 moe-k2-s3 meo-sequence-k2-s1 meo-sequence-k2-s2 \
+	meo-sequence-k2-s3 meo-token-k2-s2 meo-token-k2-s3 moe-k1-s1 meo-token-k1-s1 moe-k4-s1 meo-token-k4-s1
+meo-mrpc:
+	$(PY) -m dvc exp run --temp -n meo-mrpc-recipe meo/dvc.yaml:compare -S $(MEO_P):data.task=mrpc \
+		-S $(MEO_P):data.max_source_length=128 -S $(MEO_P):data.max_train_samples=null \
+		-S $(MEO_P):finetune.epochs=3 -S $(MEO_P):finetune.lr=0.00005 -S $(MEO_P):finetune.warmup_steps=30 \
+		$(foreach v,$(MEO_MRPC_DROP),-S '$(MEO_P):~variants.$(v)')
+	$(PY) -c "from scripts.ablations import exp_ref, show_committed; \
+		open('metrics/meo/mrpc_recipe_compare.json', 'w').write(show_committed(exp_ref('meo-mrpc-recipe'), 'metrics/meo/compare.json'))"
 
 # The default pipeline with each assignment solver (align_solvers.yaml); commit code changes first.
 align-solvers:
