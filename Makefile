@@ -58,8 +58,10 @@ meo-mrpc:
 		-S $(MEO_P):data.max_source_length=128 -S $(MEO_P):data.max_train_samples=null \
 		-S $(MEO_P):finetune.epochs=3 -S $(MEO_P):finetune.lr=0.00005 -S $(MEO_P):finetune.warmup_steps=30 \
 		$(foreach v,$(MEO_MRPC_DROP),-S '$(MEO_P):~variants.$(v)')
-	$(PY) -c "from scripts.ablations import exp_ref, show_committed; \
-		open('metrics/meo/mrpc_recipe_compare.json', 'w').write(show_committed(exp_ref('meo-mrpc-recipe'), 'metrics/meo/compare.json'))"
+	$(PY) -c "import sys; from pathlib import Path; from scripts.ablations import exp_ref, show_committed; \
+		t = show_committed(str(exp_ref('meo-mrpc-recipe')), 'metrics/meo/compare.json'); \
+		sys.exit('error: no experiment meo-mrpc-recipe for this commit') if t is None \
+		else Path('metrics/meo/mrpc_recipe_compare.json').write_text(t)"
 
 # The default pipeline with each assignment solver (align_solvers.yaml); commit code changes first.
 align-solvers:
