@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
+from pipeline.ablations import fmt_points
 from pipeline.data import DataError
 from pipeline.lm_harness import harness_zero_shot
 from pipeline.trivial_baselines import choice_baselines, choice_majority_correct, versus_majority
 from pipeline.zeroshot import load_choice_task
-
-
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)
 
 
 def score_against_baselines(
@@ -50,7 +48,8 @@ def score_against_baselines(
         examples = load_choice_task(name, data_dir)[:limit]
         r = res[name]
         # The majority answer is compared example by example: both readings must be in one order.
-        mine = [_argmax(ll) == ex.label for ll, ex in zip(r["loglikelihoods"], examples, strict=False)]
+        # np.argmax takes the first of tied choices, as both scorers do.
+        mine = [int(np.argmax(ll)) == ex.label for ll, ex in zip(r["loglikelihoods"], examples, strict=False)]
         if len(examples) != r["examples"] or mine != r["hits"]:
             raise DataError(
                 f"{name}: lm-eval's {r['examples']} examples are not the {len(examples)} read from "
@@ -74,7 +73,7 @@ def score_against_baselines(
 
 
 def _points(versus: dict) -> str:
-    return f"{100 * versus['diff']:+.1f} [{100 * versus['low']:+.1f}, {100 * versus['high']:+.1f}]"
+    return f"{fmt_points(versus['diff'])} [{fmt_points(versus['low'])}, {fmt_points(versus['high'])}]"
 
 
 def markdown_table(result: dict) -> str:

@@ -100,6 +100,13 @@ def exp_ref(name: str) -> str | None:
     return next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
 
 
+def require_block(readme: str, name: str) -> None:
+    """Stop with a one-line error, before any work, unless the file ``readme`` ('' for none) has the
+    ``<!-- name:start -->`` marker that :func:`pipeline.ablations.replace_block` rewrites after it."""
+    if readme and f"<!-- {name}:start -->" not in Path(readme).read_text():
+        sys.exit(f"error: {readme} has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
+
+
 def show_committed(ref: str, path: str) -> str | None:
     """The text of ``path`` as committed in ``ref``; None where the ref has no such file."""
     res = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
@@ -200,8 +207,7 @@ def main() -> None:
     except (OSError, ValueError, ParamsError) as err:
         sys.exit(f"error: {err}")
     kind = spec.study_name
-    if args.readme and f"<!-- {kind}:start -->" not in Path(args.readme).read_text():
-        sys.exit(f"error: {args.readme} has no <!-- {kind}:start --> ... <!-- {kind}:end --> markers")
+    require_block(args.readme, kind)
     seeds = args.seeds or spec.seeds
     unknown = sorted(set(seeds) - set(spec.seeds))
     if unknown:

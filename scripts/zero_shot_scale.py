@@ -27,6 +27,7 @@ from pipeline.modeling import load_model
 from pipeline.trivial_baselines import describe_versus
 from pipeline.upcycle_decoder import describe_source, load_dense_decoder, load_source_tokenizer
 from pipeline.zero_shot_scale import markdown_table, score_against_baselines
+from scripts.ablations import require_block
 
 BLOCK = "zero_shot_scale"
 
@@ -45,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         "--readme", default="", help="file whose <!-- zero_shot_scale:start/end --> block to rewrite"
     )
     args = p.parse_args(argv)
-    if args.readme and f"<!-- {BLOCK}:start -->" not in Path(args.readme).read_text():
-        sys.exit(f"error: {args.readme} has no <!-- {BLOCK}:start --> ... <!-- {BLOCK}:end --> markers")
+    require_block(args.readme, BLOCK)
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None or not data_dir.is_dir():
         sys.exit(f"error: data folder {args.data_dir} not found; lm-eval reads the official task files")
